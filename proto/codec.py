@@ -1,0 +1,53 @@
+"""Framing: `[type byte, msgpack body]`, decoded only into the struct that type names.
+
+The receiver looks at frame 0 before decoding anything, so bytes from an untrusted peer are
+only ever turned into one of the typed structs in `messages.py`, never into arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgspec
+
+from .errors import InvalidRequest
+from .messages import CLIENT_MESSAGES, WORKER_MESSAGES, MsgType
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders = {t: msgspec.msgpack.Decoder(cls) for t, cls in {**CLIENT_MESSAGES,
+                                                             **WORKER_MESSAGES}.items()}
+
+
+def _schema_hash() -> str:
+    types = [cls for _, cls in sorted({**CLIENT_MESSAGES, **WORKER_MESSAGES}.items())]
+    _, components = msgspec.json.schema_components(types)
+    return hashlib.sha256(msgspec.json.encode(components, order="sorted")).hexdigest()[:16]
+
+
+SCHEMA_HASH = _schema_hash()
+
+
+def encode(msg_type: MsgType, msg: Any) -> list[bytes]:
+    """Frames for one message: the type byte, then the msgpack body."""
+    return [bytes((msg_type,)), _encoder.encode(msg)]
+
+
+def decode(frames: list[bytes] | list[memoryview]) -> tuple[MsgType, Any]:
+    """Decode `[type byte, body]`; raise `InvalidRequest` for anything else.
+
+    Validation errors raised by a struct's `__post_init__` (bad sampling values) keep their
+    message, so the sender learns exactly which field was wrong.
+    """
+    if len(frames) != 2 or len(frames[0]) != 1:
+        raise InvalidRequest(f"expected 2 frames [type, body], got {len(frames)}")
+    try:
+        msg_type = MsgType(bytes(frames[0])[0])
+    except ValueError:
+        raise InvalidRequest(f"unknown message type {bytes(frames[0])[0]}") from None
+    try:
+        return msg_type, _decoders[msg_type].decode(frames[1])
+    except msgspec.ValidationError as e:
+        raise InvalidRequest(f"invalid {msg_type.name} message: {e}") from None
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"undecodable {msg_type.name} message: {e}") from None

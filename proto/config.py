@@ -1,0 +1,81 @@
+"""Process configurations: plain validated structs, filled from flags and `ZOMNI_*` variables.
+
+They are msgspec structs so a parent can hand a child process its configuration as JSON on the
+command line (no pickle), and so a process started by hand reads the same fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import msgspec
+
+from .errors import InvalidRequest
+
+
+class EngineConfig(msgspec.Struct, kw_only=True):
+    """Everything the engine core and its workers need; printed once at start."""
+
+    model: str
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory_gb: float = 2.0  # per worker; the number of blocks follows from it
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb (tests use it)
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_waiting_requests: int = 4096
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    listen: str = ""  # ROUTER address for clients; a fresh ipc:// path when empty
+    num_threads: int | None = None  # torch threads per worker; all cores when None
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "block_size", "max_num_seqs",
+                     "max_num_batched_tokens", "max_waiting_requests"):
+            if getattr(self, name) < 1:
+                raise InvalidRequest(f"{name} must be at least 1", param=name)
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise InvalidRequest(f"unknown dtype {self.dtype!r}", param="dtype")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InvalidRequest(f"unknown device {self.device!r}", param="device")
+        if not (Path(self.model) / "config.json").is_file():
+            raise InvalidRequest(f"no config.json in model directory {self.model!r}",
+                                 param="model")
+
+    @classmethod
+    def from_env(cls, **overrides) -> EngineConfig:
+        """Fields from `ZOMNI_<FIELD>` environment variables, then explicit overrides."""
+        values = {}
+        for field in cls.__struct_fields__:
+            raw = os.environ.get(f"ZOMNI_{field.upper()}")
+            if raw is not None:
+                values[field] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return msgspec.convert(values, cls, strict=False)
+
+    def hf_config(self) -> dict:
+        with open(Path(self.model) / "config.json") as f:
+            return json.load(f)
+
+
+class WorkerConfig(msgspec.Struct, kw_only=True):
+    """One worker's share of the engine config, plus where to find its peers."""
+
+    engine: EngineConfig
+    rank: int
+    engine_address: str  # the engine core's worker ROUTER
+    dist_init_method: str = ""  # torch.distributed rendezvous, e.g. tcp://127.0.0.1:PORT
+    max_model_len: int = 0  # resolved by the engine core
+
+
+def to_json(cfg: msgspec.Struct) -> str:
+    return msgspec.json.encode(cfg).decode()
+
+
+def from_json(data: str | bytes, cls: type):
+    return msgspec.json.decode(data, type=cls)
