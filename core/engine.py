@@ -1,0 +1,265 @@
+"""The engine-core process: one loop of schedule → execute → update, overlapped with input.
+
+    clients ──DEALER──► ROUTER (config.listen) ──► pending inputs ─┐
+                                                                    ▼
+        loop:  apply inputs → scheduler.schedule() → executor.execute(plan)
+               │  while the workers compute: receive + decode inputs (not applied yet)
+               └► executor.wait_result() → scheduler.update_from_output() → send outputs
+
+Inputs are applied only between steps, so an abort never races with a plan in flight. When
+there is no work the loop blocks in `poll` (woken by a message or every second to check its
+workers): nothing spins. Run it as `python -m zomni.core.engine '<EngineConfig JSON>'`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import sys
+import time
+
+import zmq
+
+from zomni._process import die_with_parent
+from zomni.proto import (
+    PROTOCOL_VERSION,
+    SCHEMA_HASH,
+    ContextLengthExceeded,
+    EngineConfig,
+    EngineDead,
+    EngineDeadMsg,
+    EngineOutput,
+    EngineOutputs,
+    EngineRequest,
+    ErrorMsg,
+    FinishReason,
+    InvalidRequest,
+    MsgType,
+    Ready,
+    Stats,
+    ZomniError,
+    decode,
+    encode,
+)
+from zomni.proto.config import from_json
+from zomni.proto.messages import Empty
+from zomni.proto.model_info import read_model_info
+
+from .executor import Executor
+from .request import Request
+from .scheduler import Scheduler, finished_outputs
+
+logger = logging.getLogger("zomni.engine")
+
+_IDLE_POLL_MS = 1000
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.ctx = zmq.Context()
+        self.clients = self.ctx.socket(zmq.ROUTER)
+        self.clients.setsockopt(zmq.LINGER, 0)
+        self.clients.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.clients.bind(config.listen)
+        self.info = read_model_info(config.model, config.max_model_len,
+                                    tensor_parallel_size=config.tensor_parallel_size)
+        start = time.monotonic()
+        self.executor = Executor(config, self.ctx, self.info.max_model_len)
+        self.info.dtype = self.executor.dtype
+        self.scheduler = Scheduler(config, self.executor.num_kv_blocks, self.info.max_model_len,
+                                   self.info.eos_token_ids)
+        self.known_clients: set[bytes] = set()
+        self.pending: list[tuple[bytes, MsgType, object]] = []
+        self.stopping = False
+        self.generated: collections.deque[tuple[float, int]] = collections.deque()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        logger.info("engine ready in %.1f s: %s, dtype %s, %d KV blocks of %d tokens, "
+                    "max_model_len %d, listening on %s", time.monotonic() - start,
+                    self.info.architecture, self.info.dtype, self.executor.num_kv_blocks,
+                    config.block_size, self.info.max_model_len, config.listen)
+
+    # ---- main loop ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while not self.stopping:
+                busy = self.scheduler.has_unfinished_requests()
+                self._receive(timeout_ms=0 if busy else _IDLE_POLL_MS)
+                self._apply_inputs()
+                if not busy:
+                    self.executor.check_alive()
+                if self.scheduler.has_unfinished_requests():
+                    self.step()
+        except EngineDead as e:
+            logger.error("engine failed: %s", e)
+            self._broadcast_dead(str(e))
+            raise
+        finally:
+            self.shutdown()
+
+    def step(self) -> None:
+        plan = self.scheduler.schedule()
+        if not plan.num_scheduled_tokens and not plan.finished_request_ids:
+            return
+        self.executor.execute(plan)
+        result = self.executor.wait_result(on_idle=lambda: self._receive(timeout_ms=0))
+        outputs = self.scheduler.update_from_output(plan, result)
+        self._send_outputs(outputs)
+
+    # ---- inputs ----------------------------------------------------------------------------
+
+    def _receive(self, timeout_ms: int) -> None:
+        """Decode every waiting client message into `pending`; never applies them."""
+        if not self.clients.poll(timeout_ms):
+            return
+        while True:
+            try:
+                identity, *frames = self.clients.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg_type, msg = decode(frames)
+            except InvalidRequest as e:
+                self._send(identity, MsgType.ERROR, ErrorMsg(type(e).__name__, e.message))
+                continue
+            self.pending.append((identity, msg_type, msg))
+
+    def _apply_inputs(self) -> None:
+        pending, self.pending = self.pending, []
+        for identity, msg_type, msg in pending:
+            if msg_type == MsgType.REQUEST:
+                self._add_request(identity, msg)
+            elif msg_type == MsgType.ABORT:
+                self._send_outputs(finished_outputs(self.scheduler.abort_requests(
+                    msg.request_ids)))
+            elif msg_type == MsgType.HELLO:
+                self._hello(identity, msg)
+            elif msg_type == MsgType.PING:
+                self._send(identity, MsgType.PONG, Empty())
+            elif msg_type == MsgType.GET_STATS:
+                self._send(identity, MsgType.STATS, self.stats())
+            else:
+                self._send(identity, MsgType.ERROR,
+                           ErrorMsg("InvalidRequest", f"unexpected {msg_type.name} message"))
+
+    def _hello(self, identity: bytes, hello) -> None:
+        if hello.protocol_version != PROTOCOL_VERSION or hello.schema_hash != SCHEMA_HASH:
+            self._send(identity, MsgType.ERROR, ErrorMsg(
+                "ProtocolMismatch",
+                f"client speaks protocol {hello.protocol_version} (schema {hello.schema_hash}), "
+                f"engine speaks {PROTOCOL_VERSION} (schema {SCHEMA_HASH})"))
+            return
+        self.known_clients.add(identity)
+        self._send(identity, MsgType.READY, Ready(PROTOCOL_VERSION, SCHEMA_HASH, self.info,
+                                                  self.executor.num_kv_blocks,
+                                                  self.config.block_size))
+
+    def _add_request(self, identity: bytes, req: EngineRequest) -> None:
+        self.known_clients.add(identity)
+        try:
+            self._validate(req)
+            self.scheduler.add_request(
+                Request.from_engine_request(req, identity, self.info.max_model_len))
+        except ZomniError as e:
+            out = EngineOutput(req.request_id, [], finish_reason=FinishReason.ERROR,
+                               error=e.message, error_kind=type(e).__name__)
+            self._send(identity, MsgType.OUTPUTS, EngineOutputs([out], time.time()))
+
+    def _validate(self, req: EngineRequest) -> None:
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if n >= self.info.max_model_len:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.info.max_model_len} tokens, "
+                f"but the prompt has {n} tokens (at least one token must be generated)",
+                param="prompt")
+        vocab = self.info.vocab_size
+        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if req.sampling.n != 1:
+            raise InvalidRequest("the engine serves n=1 requests; the client fans out n > 1",
+                                 param="n")
+        if self.scheduler.has_request(req.request_id):
+            raise InvalidRequest(f"request id {req.request_id!r} is already running",
+                                 param="request_id")
+
+    # ---- outputs ---------------------------------------------------------------------------
+
+    def _send_outputs(self, outputs: dict[bytes, list[EngineOutput]]) -> None:
+        now = time.time()
+        n_new = 0
+        for identity, outs in outputs.items():
+            if outs:
+                self._send(identity, MsgType.OUTPUTS, EngineOutputs(outs, now))
+            for out in outs:
+                n_new += len(out.new_token_ids)
+                self.prompt_tokens_total += out.num_prompt_tokens
+        self.generation_tokens_total += n_new
+        self.generated.append((time.monotonic(), n_new))
+
+    def _send(self, identity: bytes, msg_type: MsgType, msg) -> None:
+        try:
+            self.clients.send_multipart([identity, *encode(msg_type, msg)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # a client that went away must not take the engine down
+            logger.warning("dropping %s for a client that is gone: %s", msg_type.name, e)
+
+    def _broadcast_dead(self, reason: str) -> None:
+        for identity in self.known_clients:
+            self._send(identity, MsgType.ENGINE_DEAD, EngineDeadMsg(reason))
+
+    def stats(self) -> Stats:
+        now = time.monotonic()
+        while self.generated and now - self.generated[0][0] > 10.0:
+            self.generated.popleft()
+        span = now - self.generated[0][0] if len(self.generated) > 1 else 0.0
+        rate = sum(n for _, n in self.generated) / span if span > 0 else 0.0
+        s = self.scheduler.get_stats()
+        return Stats(num_waiting=s["num_waiting"], num_running=s["num_running"],
+                     kv_usage=s["kv_usage"], num_kv_blocks=self.executor.num_kv_blocks,
+                     prefix_cache_hit_rate=s["prefix_cache_hit_rate"],
+                     generation_tokens_per_s=rate, prompt_tokens_total=self.prompt_tokens_total,
+                     generation_tokens_total=self.generation_tokens_total,
+                     num_preemptions=s["num_preemptions"])
+
+    def shutdown(self) -> None:
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        self._broadcast_dead("engine shut down")
+        self.executor.shutdown()
+        self.clients.close(linger=0)
+        self.ctx.term()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    die_with_parent()
+    logging.basicConfig(level=os.environ.get("ZOMNI_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = from_json(argv[0], EngineConfig)
+    logger.info("engine config: %s", config)
+    engine_box: list[EngineCore] = []
+
+    def stop(signum, _frame):
+        if engine_box:
+            engine_box[0].stopping = True
+        else:
+            sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        engine_box.append(EngineCore(config))
+        engine_box[0].run()
+    except EngineDead as e:
+        logger.error("%s", e)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
