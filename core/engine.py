@@ -26,7 +26,6 @@ from zomni._process import die_with_parent
 from zomni.proto import (
     PROTOCOL_VERSION,
     SCHEMA_HASH,
-    ContextLengthExceeded,
     EngineConfig,
     EngineDead,
     EngineDeadMsg,
@@ -170,23 +169,17 @@ class EngineCore:
             self._send(identity, MsgType.OUTPUTS, EngineOutputs([out], time.time()))
 
     def _validate(self, req: EngineRequest) -> None:
-        n = len(req.prompt_token_ids)
-        if n == 0:
-            raise InvalidRequest("the prompt is empty", param="prompt")
-        if n >= self.info.max_model_len:
-            raise ContextLengthExceeded(
-                f"this model's maximum context length is {self.info.max_model_len} tokens, "
-                f"but the prompt has {n} tokens (at least one token must be generated)",
-                param="prompt")
+        """What the scheduler cannot check: token ids the model can embed, and n == 1.
+
+        Prompt length and duplicate ids are checked by `Scheduler.add_request`.
+        """
         vocab = self.info.vocab_size
-        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
+        if req.prompt_token_ids and not (min(req.prompt_token_ids) >= 0
+                                         and max(req.prompt_token_ids) < vocab):
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if req.sampling.n != 1:
             raise InvalidRequest("the engine serves n=1 requests; the client fans out n > 1",
                                  param="n")
-        if self.scheduler.has_request(req.request_id):
-            raise InvalidRequest(f"request id {req.request_id!r} is already running",
-                                 param="request_id")
 
     # ---- outputs ---------------------------------------------------------------------------
 

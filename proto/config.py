@@ -49,14 +49,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
 
     @classmethod
     def from_env(cls, **overrides) -> EngineConfig:
-        """Fields from `ZOMNI_<FIELD>` environment variables, then explicit overrides."""
-        values = {}
-        for field in cls.__struct_fields__:
-            raw = os.environ.get(f"ZOMNI_{field.upper()}")
-            if raw is not None:
-                values[field] = raw
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return msgspec.convert(values, cls, strict=False)
+        return from_env(cls, **overrides)
 
     def hf_config(self) -> dict:
         with open(Path(self.model) / "config.json") as f:
@@ -71,6 +64,17 @@ class WorkerConfig(msgspec.Struct, kw_only=True):
     engine_address: str  # the engine core's worker ROUTER
     dist_init_method: str = ""  # torch.distributed rendezvous, e.g. tcp://127.0.0.1:PORT
     max_model_len: int = 0  # resolved by the engine core
+
+
+def from_env(cls: type, **overrides):
+    """A `cls` config from `ZOMNI_<FIELD>` environment variables, then explicit overrides."""
+    values = {}
+    for field in cls.__struct_fields__:
+        raw = os.environ.get(f"ZOMNI_{field.upper()}")
+        if raw is not None:
+            values[field] = raw
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return msgspec.convert(values, cls, strict=False)
 
 
 def to_json(cfg: msgspec.Struct) -> str:

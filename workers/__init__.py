@@ -1,0 +1,11 @@
+"""Worker side: executes step plans on one device; decides nothing.
+
+    worker.py           the process: ZMQ DEALER loop, torch.distributed setup, clean exit
+    model_runner.py     request state, one flat forward per step, sampling rows
+    context.py          per-step attention metadata (positions, slots, block tables, masks)
+    attention.py        paged KV cache write + SDPA over gathered blocks
+    sampler.py          greedy / temperature / top-k / top-p / min-p, penalties, logprobs, seeds
+    loader.py           HF directory -> model with this rank's weight shards
+    models/             decoder definitions and the architecture registry
+    parallel_state.py, linear.py, embed_head.py, layernorm.py, rotary_embedding.py: layers
+"""

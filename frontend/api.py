@@ -1,0 +1,254 @@
+"""The Python API: `LLM` (offline, blocking) and `AsyncLLM` (streaming), shaped like vLLM's.
+
+    with LLM(model="path/to/hf-model") as llm:
+        outs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
+
+Both start a real engine-core process (which starts the workers) and talk to it over ZMQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from zomni.proto import EngineDead, EngineRequest, InvalidRequest, SamplingParams, Stats
+from zomni.proto.client import AsyncEngineClient, EngineClient, output_error
+
+from .launch import EngineProcess, make_config
+from .outputs import CompletionOutput, RequestOutput, RequestState, child_requests
+from .tokenizer import Prompt, apply_chat_template, encode_prompt, load_tokenizer
+
+__all__ = ["LLM", "AsyncLLM", "RequestOutput", "CompletionOutput", "SamplingParams"]
+
+
+class _Base:
+    """What LLM and AsyncLLM share: config, engine process, tokenizer, request fan-out."""
+
+    def __init__(self, model: str | None, tensor_parallel_size: int, dtype: str,
+                 max_model_len: int | None, seed: int, kwargs: dict[str, Any]):
+        self.config = make_config(model, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                                  max_model_len=max_model_len, seed=seed, **kwargs)
+        self.tokenizer = load_tokenizer(self.config.model)
+        self.engine: EngineProcess | None = EngineProcess(self.config)
+
+    def _states(self, children: list[EngineRequest]) -> list[RequestState]:
+        eos = self.model_info.eos_token_ids
+        return [RequestState(c.request_id, i, c.prompt_token_ids, c.sampling, self.tokenizer, eos)
+                for i, c in enumerate(children)]
+
+    def _chat_prompts(self, messages, chat_kwargs) -> list[dict[str, Any]]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        return [{"prompt_token_ids": apply_chat_template(self.tokenizer, conv, **chat_kwargs)}
+                for conv in conversations]
+
+
+class LLM(_Base):
+    """Offline generation: submit many prompts, get all results back."""
+
+    def __init__(self, model: str | None = None, tensor_parallel_size: int = 1,
+                 dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
+                 **kwargs: Any):
+        super().__init__(model, tensor_parallel_size, dtype, max_model_len, seed, kwargs)
+        self.client = EngineClient(self.engine.address, alive=self.engine.alive)
+        try:
+            self.model_info = self.client.connect(client_name="LLM").model
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, priority: list[int] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in prompt order.
+
+        A bad request raises its typed error after the others have finished.
+        """
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise InvalidRequest("need one SamplingParams per prompt", param="sampling_params")
+        results: list[RequestOutput] = []
+        states: dict[str, tuple[RequestState, RequestOutput]] = {}
+        for i, (prompt, sp) in enumerate(zip(prompts, params)):
+            text, ids = encode_prompt(self.tokenizer, prompt)
+            request_id = uuid.uuid4().hex
+            children = child_requests(request_id, ids, sp, priority[i] if priority else 0)
+            child_states = self._states(children)
+            results.append(RequestOutput(request_id, text, ids, [s.output for s in child_states]))
+            for child, state in zip(children, child_states):
+                states[child.request_id] = (state, results[-1])
+                self.client.add_request(child)
+        self._run(states, use_tqdm)
+        return results
+
+    def _run(self, states: dict[str, tuple[RequestState, RequestOutput]],
+             use_tqdm: bool) -> None:
+        """The only loop over engine outputs: fold each into its request until all finish."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(states), desc="Generating", disable=not use_tqdm or len(states) < 2)
+        remaining, error = len(states), None
+        while remaining:
+            got = self.client.recv(timeout_ms=1000)
+            if got is None:
+                continue
+            for out in getattr(got[1], "outputs", ()):
+                state, result = states.get(out.request_id, (None, None))
+                if state is None or state.finished:
+                    continue
+                if (err := output_error(out)) is not None:
+                    error, state.output.finish_reason = err, "error"
+                elif state.update(out)[2]:  # a stop string ended it: stop the engine too
+                    self.client.abort([state.request_id])
+                result.num_cached_tokens = state.num_cached_tokens
+                if state.finished:
+                    remaining -= 1
+                    bar.update(1)
+                    result.finished = all(o.finish_reason for o in result.outputs)
+        bar.close()
+        if error is not None:
+            raise error
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True, **chat_template_kwargs: Any
+             ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, via the chat template."""
+        prompts = self._chat_prompts(messages, dict(chat_template_kwargs,
+                                                    add_generation_prompt=add_generation_prompt))
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def get_stats(self) -> Stats:
+        """Queue sizes, KV usage, prefix-cache hit rate, preemptions and token rates."""
+        return self.client.get_stats()
+
+    def shutdown(self) -> None:
+        """Stop the engine core and its workers; safe to call twice."""
+        if getattr(self, "client", None) is not None:
+            self.client.close()
+            self.client = None
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.shutdown()
+
+
+class AsyncLLM(_Base):
+    """Streaming generation on asyncio: `async for out in llm.generate(...)`."""
+
+    def __init__(self, model: str | None = None, tensor_parallel_size: int = 1,
+                 dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
+                 **kwargs: Any):
+        super().__init__(model, tensor_parallel_size, dtype, max_model_len, seed, kwargs)
+        self.client: AsyncEngineClient | None = None
+        self._connect_lock: asyncio.Lock | None = None
+        self._children: dict[str, list[str]] = {}
+
+    async def start(self) -> None:
+        """Connect to the engine (waits until it is ready); generate() calls it as needed."""
+        if self.client is not None:
+            return
+        if self.engine is None:
+            raise EngineDead("this AsyncLLM was shut down")
+        self._connect_lock = self._connect_lock or asyncio.Lock()
+        async with self._connect_lock:
+            if self.client is None:
+                client = AsyncEngineClient(self.engine.address, alive=self.engine.alive)
+                self.model_info = (await client.connect(client_name="AsyncLLM")).model
+                self.client = client
+
+    async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0
+                       ) -> AsyncIterator[RequestOutput]:
+        """Yield a cumulative `RequestOutput` each time any of its samples gets new tokens."""
+        await self.start()
+        params = sampling_params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        text, ids = encode_prompt(self.tokenizer, prompt)
+        children = child_requests(request_id, ids, params, priority)
+        states = self._states(children)
+        result = RequestOutput(request_id, text, ids, [s.output for s in states])
+        self._children[request_id] = [c.request_id for c in children]
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._pump(c, s, queue)) for c, s in zip(children, states)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    remaining -= 1
+                    continue
+                result.num_cached_tokens = item.num_cached_tokens
+                result.finished = all(s.finished for s in states)
+                yield result
+        finally:
+            self._children.pop(request_id, None)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _pump(self, child: EngineRequest, state: RequestState, queue: asyncio.Queue):
+        try:
+            stream = self.client.generate(child)
+            async for out in stream:
+                _delta, _ids, stop_hit = state.update(out)
+                queue.put_nowait(state)
+                if stop_hit:
+                    await stream.aclose()  # aborts the request in the engine
+                    break
+            queue.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            queue.put_nowait(e)
+
+    async def abort(self, request_id: str) -> None:
+        if self.client is not None:
+            await self.client.abort(self._children.get(request_id, [request_id]))
+
+    async def chat(self, messages: list[dict[str, Any]],
+                   sampling_params: SamplingParams | None = None,
+                   request_id: str | None = None, **chat_template_kwargs: Any
+                   ) -> AsyncIterator[RequestOutput]:
+        async for out in self.generate(self._chat_prompts(messages, chat_template_kwargs)[0],
+                                       sampling_params, request_id):
+            yield out
+
+    def shutdown(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    async def __aenter__(self) -> AsyncLLM:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.shutdown()

@@ -1,0 +1,55 @@
+"""Starting and stopping a local engine-core process (which starts its own workers)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from zomni._process import new_ipc_address
+from zomni.proto import EngineConfig, InvalidRequest
+from zomni.proto.config import to_json
+
+logger = logging.getLogger("zomni")
+
+def default_model() -> str:
+    """The demo model shipped with the package, used when no model is given."""
+    import zomni
+
+    path = Path(zomni.__file__).parent / "demo_model"
+    if not (path / "config.json").is_file():
+        raise InvalidRequest("no model given and the bundled demo model is missing",
+                             param="model")
+    return str(path)
+
+
+def make_config(model: str | None, **kwargs) -> EngineConfig:
+    """An EngineConfig from keyword arguments (vLLM names) and `ZOMNI_*` variables."""
+    return EngineConfig.from_env(model=model or default_model(), **kwargs)
+
+
+class EngineProcess:
+    """A child engine-core process listening on `address`."""
+
+    def __init__(self, config: EngineConfig):
+        if not config.listen:
+            config.listen = new_ipc_address("engine")
+        self.address = config.listen
+        self.proc = subprocess.Popen([sys.executable, "-m", "zomni.core.engine",
+                                      to_json(config)])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def shutdown(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("engine did not stop in %.0f s; killing it", timeout)
+            self.proc.kill()
+            self.proc.wait()

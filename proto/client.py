@@ -1,0 +1,222 @@
+"""Engine clients: what a frontend needs to talk to an engine core, and nothing more.
+
+A client is a DEALER with a unique identity connected to the engine's ROUTER. It says HELLO and
+waits for READY (which carries the model info), then sends REQUEST / ABORT and receives one
+OUTPUTS message per engine step holding the outputs of its own requests only.
+
+`EngineClient` is blocking (the offline `LLM` uses it); `AsyncEngineClient` runs on asyncio and
+routes outputs to one queue per request (the HTTP frontend and `AsyncLLM` use it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import zmq
+import zmq.asyncio
+
+from .codec import SCHEMA_HASH, decode, encode
+from .errors import EngineDead, ProtocolMismatch, ZomniError, error_from_wire
+from .messages import (
+    PROTOCOL_VERSION,
+    Abort,
+    Empty,
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    Hello,
+    MsgType,
+    Ready,
+    Stats,
+)
+
+
+def _new_socket(ctx: zmq.Context, address: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, f"client-{uuid.uuid4().hex}".encode())
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    return sock
+
+
+def _check_ready(msg_type: MsgType, msg) -> Ready:
+    if msg_type == MsgType.READY:
+        return msg
+    if msg_type == MsgType.ERROR:
+        raise error_from_wire(msg.kind, msg.message)
+    if msg_type == MsgType.ENGINE_DEAD:
+        raise EngineDead(msg.reason)
+    raise ProtocolMismatch(f"expected READY, got {msg_type.name}")
+
+
+def output_error(out: EngineOutput) -> ZomniError | None:
+    """The typed error an ERROR output carries, or None."""
+    if out.finish_reason == FinishReason.ERROR:
+        return error_from_wire(out.error_kind, out.error)
+    return None
+
+
+class EngineClient:
+    """Blocking client. `alive` lets the caller fail fast when a local engine process died."""
+
+    def __init__(self, address: str, alive: Callable[[], bool] | None = None):
+        self.ctx = zmq.Context()
+        self.socket = _new_socket(self.ctx, address)
+        self.alive = alive or (lambda: True)
+        self.ready: Ready | None = None
+
+    def connect(self, timeout: float = 600.0, client_name: str = "") -> Ready:
+        self._send(MsgType.HELLO, Hello(PROTOCOL_VERSION, SCHEMA_HASH, client_name))
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.recv(timeout_ms=200)
+            if got is not None:
+                self.ready = _check_ready(*got)
+                return self.ready
+            if time.monotonic() > deadline:
+                raise EngineDead(f"engine not ready after {timeout:.0f} s")
+
+    def add_request(self, request: EngineRequest) -> None:
+        self._send(MsgType.REQUEST, request)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._send(MsgType.ABORT, Abort(request_ids))
+
+    def get_stats(self, timeout: float = 30.0) -> Stats:
+        """Engine statistics; call it between generations (outputs received meanwhile are lost)."""
+        self._send(MsgType.GET_STATS, Empty())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.recv(timeout_ms=200)
+            if got is not None and got[0] == MsgType.STATS:
+                return got[1]
+        raise EngineDead(f"no stats from the engine in {timeout:.0f} s")
+
+    def recv(self, timeout_ms: int) -> tuple[MsgType, object] | None:
+        """One message, or None after `timeout_ms`; raises EngineDead if the engine died."""
+        if self.socket.poll(timeout_ms):
+            msg_type, msg = decode(self.socket.recv_multipart())
+            if msg_type == MsgType.ENGINE_DEAD:
+                raise EngineDead(msg.reason)
+            return msg_type, msg
+        if not self.alive():
+            raise EngineDead("the engine process exited")
+        return None
+
+    def _send(self, msg_type: MsgType, msg) -> None:
+        self.socket.send_multipart(encode(msg_type, msg))
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.ctx.term()
+
+
+class AsyncEngineClient:
+    """asyncio client: `generate()` yields a request's outputs as the engine produces them."""
+
+    def __init__(self, address: str, alive: Callable[[], bool] | None = None):
+        self.ctx = zmq.asyncio.Context()
+        self.socket = _new_socket(self.ctx, address)
+        self.alive = alive or (lambda: True)
+        self.ready: Ready | None = None
+        self.dead: EngineDead | None = None
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._replies: dict[MsgType, asyncio.Queue] = {MsgType.PONG: asyncio.Queue(),
+                                                       MsgType.STATS: asyncio.Queue()}
+        self._reader: asyncio.Task | None = None
+
+    async def connect(self, timeout: float = 600.0, client_name: str = "") -> Ready:
+        await self._send(MsgType.HELLO, Hello(PROTOCOL_VERSION, SCHEMA_HASH, client_name))
+        deadline = time.monotonic() + timeout
+        while not await self.socket.poll(200):
+            if not self.alive():
+                raise EngineDead("the engine process exited before it was ready")
+            if time.monotonic() > deadline:
+                raise EngineDead(f"engine not ready after {timeout:.0f} s")
+        self.ready = _check_ready(*decode(await self.socket.recv_multipart()))
+        self._reader = asyncio.create_task(self._read_loop())
+        return self.ready
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Yield the request's outputs until it finishes; abort it if the caller stops early."""
+        if self.dead:
+            raise self.dead
+        if request.request_id in self._queues:
+            raise ZomniError(f"request id {request.request_id!r} is already in flight")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request.request_id] = queue
+        finished = False
+        try:
+            await self._send(MsgType.REQUEST, request)
+            while not finished:
+                out = await queue.get()
+                if isinstance(out, Exception):
+                    raise out
+                if (err := output_error(out)) is not None:
+                    raise err
+                finished = out.finish_reason is not None
+                yield out
+        finally:
+            self._queues.pop(request.request_id, None)
+            if not finished and not self.dead:
+                await self.abort([request.request_id])
+
+    async def abort(self, request_ids: list[str]) -> None:
+        await self._send(MsgType.ABORT, Abort(request_ids))
+
+    async def get_stats(self) -> Stats:
+        await self._send(MsgType.GET_STATS, Empty())
+        return await self._reply(MsgType.STATS)
+
+    async def ping(self, timeout: float = 5.0) -> bool:
+        await self._send(MsgType.PING, Empty())
+        try:
+            await asyncio.wait_for(self._reply(MsgType.PONG), timeout)
+        except (asyncio.TimeoutError, EngineDead):
+            return False
+        return True
+
+    async def _reply(self, msg_type: MsgType):
+        got = await self._replies[msg_type].get()
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    async def _read_loop(self) -> None:
+        """The only place that reads the socket: routes each message to whoever waits for it."""
+        while True:
+            if not await self.socket.poll(1000):
+                if not self.alive():
+                    self._fail(EngineDead("the engine process exited"))
+                    return
+                continue
+            msg_type, msg = decode(await self.socket.recv_multipart())
+            if msg_type == MsgType.OUTPUTS:
+                for out in msg.outputs:
+                    queue = self._queues.get(out.request_id)
+                    if queue is not None:
+                        queue.put_nowait(out)
+            elif msg_type in self._replies:
+                self._replies[msg_type].put_nowait(msg)
+            elif msg_type == MsgType.ENGINE_DEAD:
+                self._fail(EngineDead(msg.reason))
+                return
+
+    def _fail(self, error: EngineDead) -> None:
+        self.dead = error
+        for queue in [*self._queues.values(), *self._replies.values()]:
+            queue.put_nowait(error)
+
+    async def _send(self, msg_type: MsgType, msg) -> None:
+        if self.dead and msg_type != MsgType.ABORT:
+            raise self.dead
+        await self.socket.send_multipart(encode(msg_type, msg))
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self.socket.close(linger=0)
+        self.ctx.term()

@@ -1,0 +1,241 @@
+"""ModelRunner: executes one step plan (`SchedulerOutput`) on this rank's model and KV cache.
+
+The worker decides nothing. Per step, in this order:
+
+    (a) drop finished (and preempted) requests
+    (b) add new requests (an existing id is replaced)
+    (c) cached requests: extend block tables, take num_computed_tokens from the plan
+    (d) flatten token_ids[num_computed : num_computed + n] of every scheduled request, plan order
+    (e) one forward over the flat batch (prefill chunks and decodes mixed)
+    (f) requests whose tokens now all have KV sample one token (LM head on those rows only);
+        the token is appended to the worker's copy of token_ids, num_computed advances by n
+
+Rank 0 samples and returns the `ModelRunnerOutput`; under tensor parallelism the sampled ids are
+broadcast so every rank's token_ids stay identical, and other ranks return None.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from zomni.proto import (
+    ModelRunnerOutput,
+    SamplingParams,
+    SchedulerOutput,
+    TokenLogprobs,
+    WorkerConfig,
+)
+from zomni.proto.model_info import read_model_info
+from zomni.workers.context import AttentionMetadata, build_attention_metadata, set_context
+from zomni.workers.loader import load_model
+from zomni.workers.parallel_state import broadcast
+from zomni.workers.sampler import Sampler, SamplingMetadata
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    token_ids: list[int]  # prompt + generated
+    num_prompt_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling: SamplingParams
+    generator: torch.Generator | None  # only for seeded requests
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] rows of the flat batch that sample
+    sampling_requests: list[RequestState]  # [S], plan order
+
+
+def resolve_device(device: str, rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
+        index = rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    if dtype == "auto":  # bf16 is emulated and slow on most CPUs
+        return "float32" if device.type == "cpu" else "bfloat16"
+    return dtype
+
+
+class ModelRunner:
+    def __init__(self, config: WorkerConfig):
+        engine = config.engine
+        self.rank = config.rank
+        world = engine.tensor_parallel_size
+        self.device = resolve_device(engine.device, config.rank)
+        if self.device.type == "cpu":  # ranks on one machine share its cores
+            torch.set_num_threads(engine.num_threads or max(1, (os.cpu_count() or 1) // world))
+        self.dtype = resolve_dtype(engine.dtype, self.device)
+        self.torch_dtype = _DTYPES[self.dtype]
+
+        start = time.perf_counter()
+        self.model, self.hf_config = load_model(engine.model, self.torch_dtype, self.device)
+        self.load_time_s = time.perf_counter() - start
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.vocab_size = self.hf_config.vocab_size
+        self.eos_token_ids = read_model_info(engine.model).eos_token_ids
+
+        self.block_size = engine.block_size
+        self.num_kv_blocks = self._num_kv_blocks(engine.num_kv_blocks, engine.kv_cache_memory_gb)
+        self._allocate_kv_cache()
+        self.sampler = Sampler(engine.seed, self.device)
+        self.requests: dict[str, RequestState] = {}
+
+    # ---- setup ---------------------------------------------------------------------------
+
+    def _bytes_per_block(self) -> int:
+        layers = self.model.attention_layers()
+        per_layer = 2 * self.block_size * layers[0].num_kv_heads * layers[0].head_dim
+        return per_layer * len(layers) * torch.empty(0, dtype=self.torch_dtype).element_size()
+
+    def _num_kv_blocks(self, fixed: int | None, memory_gb: float) -> int:
+        blocks = fixed if fixed is not None else int(memory_gb * 2**30 // self._bytes_per_block())
+        if blocks < 1:
+            raise ValueError(f"KV cache of {memory_gb} GiB holds no block of "
+                             f"{self._bytes_per_block()} bytes; raise kv_cache_memory_gb")
+        return blocks
+
+    def _allocate_kv_cache(self) -> None:
+        """One tensor for all layers; each Attention module gets views of its K and V.
+
+            kv_cache: [2 (K, V), num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+
+        Zeroed once: padded reads of never-written slots are masked, but must not be NaN.
+        """
+        layers = self.model.attention_layers()
+        self.kv_cache = torch.zeros(2, len(layers), self.num_kv_blocks, self.block_size,
+                                    layers[0].num_kv_heads, layers[0].head_dim,
+                                    dtype=self.torch_dtype, device=self.device)
+        for i, layer in enumerate(layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    # ---- one step ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute_model(self, plan: SchedulerOutput) -> ModelRunnerOutput | None:
+        self._update_states(plan)
+        if not plan.num_scheduled_tokens:
+            return ModelRunnerOutput(plan.step_id, [], []) if self.rank == 0 else None
+        inputs = self._prepare_inputs(plan)
+        set_context(inputs.attn)
+        try:
+            hidden = self.model(inputs.input_ids, inputs.attn.positions)
+            logits = None
+            if inputs.sampling_requests:  # same on every rank: the head all-gathers logits
+                logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        finally:
+            set_context(None)
+        sampled, logprobs = self._sample(logits, inputs.sampling_requests)
+
+        for request_id, n in plan.num_scheduled_tokens.items():
+            self.requests[request_id].num_computed_tokens += n
+        for req, token in zip(inputs.sampling_requests, sampled):
+            req.token_ids.append(token)
+        if self.rank != 0:
+            return None
+        return ModelRunnerOutput(plan.step_id,
+                                 [r.request_id for r in inputs.sampling_requests],
+                                 sampled, logprobs)
+
+    def _update_states(self, plan: SchedulerOutput) -> None:
+        for request_id in plan.finished_request_ids:
+            self.requests.pop(request_id, None)
+        for new in plan.new_requests:
+            self._check_blocks(new.request_id, new.block_ids)
+            token_ids = list(new.token_ids)
+            num_prompt = new.num_prompt_tokens or len(token_ids)
+            self.requests[new.request_id] = RequestState(
+                request_id=new.request_id, token_ids=token_ids, num_prompt_tokens=num_prompt,
+                block_ids=list(new.block_ids), num_computed_tokens=new.num_computed_tokens,
+                sampling=new.sampling,
+                generator=self._new_generator(new.sampling, len(token_ids) - num_prompt))
+        for cached in plan.cached_requests:
+            req = self._get(cached.request_id)
+            self._check_blocks(cached.request_id, cached.new_block_ids)
+            req.block_ids.extend(cached.new_block_ids)
+            req.num_computed_tokens = cached.num_computed_tokens
+
+    def _new_generator(self, sampling: SamplingParams, num_output_tokens: int):
+        """A generator per seeded request, advanced past the draws of tokens it already made
+        (a preempted request comes back as new), so its samples stay those of its seed."""
+        if sampling.seed is None:
+            return None
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(sampling.seed)
+        if not sampling.greedy:
+            for _ in range(num_output_tokens):  # one draw of vocab_size per sampled token
+                torch.empty(self.vocab_size, device=self.device).exponential_(generator=generator)
+        return generator
+
+    def _get(self, request_id: str) -> RequestState:
+        try:
+            return self.requests[request_id]
+        except KeyError:
+            raise ValueError(f"step plan refers to unknown request {request_id!r}") from None
+
+    def _check_blocks(self, request_id: str, block_ids: list[int]) -> None:
+        bad = [b for b in block_ids if not 0 <= b < self.num_kv_blocks]
+        if bad:
+            raise ValueError(f"request {request_id!r}: block ids {bad[:4]} outside "
+                             f"[0, {self.num_kv_blocks})")
+
+    def _prepare_inputs(self, plan: SchedulerOutput) -> StepInputs:
+        input_ids: list[int] = []
+        query_lens, starts, tables = [], [], []
+        logits_indices: list[int] = []
+        sampling_requests: list[RequestState] = []
+        for request_id, n in plan.num_scheduled_tokens.items():
+            req = self._get(request_id)
+            start = req.num_computed_tokens
+            if n < 1 or start + n > len(req.token_ids):
+                raise ValueError(f"request {request_id!r}: {n} tokens scheduled from "
+                                 f"{start}, but it has {len(req.token_ids)} tokens")
+            input_ids.extend(req.token_ids[start:start + n])
+            query_lens.append(n)
+            starts.append(start)
+            tables.append(req.block_ids)
+            if start + n == len(req.token_ids):  # a partial prefill chunk does not sample
+                logits_indices.append(len(input_ids) - 1)
+                sampling_requests.append(req)
+        attn = build_attention_metadata(query_lens, starts, tables, self.block_size, self.device)
+        return StepInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=self.device),
+            attn=attn,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=self.device),
+            sampling_requests=sampling_requests)
+
+    def _sample(self, logits: torch.Tensor | None, requests: list[RequestState]
+                ) -> tuple[list[int], list[TokenLogprobs | None] | None]:
+        """(sampled ids, logprobs) on rank 0; the ids are broadcast to the other ranks."""
+        if not requests:
+            return [], None
+        logprobs = None
+        if self.rank == 0:
+            meta = SamplingMetadata(params=[r.sampling for r in requests],
+                                    generators=[r.generator for r in requests],
+                                    token_ids=[r.token_ids for r in requests],
+                                    num_prompt_tokens=[r.num_prompt_tokens for r in requests],
+                                    eos_token_ids=self.eos_token_ids)
+            out = self.sampler(logits, meta)
+            sampled, logprobs = out.sampled_token_ids, out.logprobs
+        else:
+            sampled = torch.empty(len(requests), dtype=torch.int64, device=self.device)
+        return broadcast(sampled, src=0).tolist(), logprobs

@@ -1,0 +1,186 @@
+"""One decoder-only transformer for Llama, Mistral, Qwen2 and Qwen3.
+
+The four differ only in switches, set per architecture by `ArchSpec`:
+
+    arch      q/k/v bias          o bias            MLP bias     q_norm/k_norm  sliding window
+    Llama     attention_bias      attention_bias    mlp_bias     -              -
+    Mistral   -                   -                 -            -              sliding_window
+    Qwen2     always              -                 -            -              per layer_types
+    Qwen3     attention_bias      attention_bias    -            per head       per layer_types
+
+Module and parameter names follow the HF checkpoints, except the fused `qkv_proj` (q/k/v) and
+`gate_up_proj` (gate/up), which `packed_modules_mapping` tells the loader about.
+All linear layers see the flat batch [num_tokens, hidden].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zomni.workers.attention import Attention
+from zomni.workers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from zomni.workers.layernorm import RMSNorm
+from zomni.workers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from zomni.workers.rotary_embedding import RotaryEmbedding, apply_rotary
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def sliding_window_of(config, layer_idx: int) -> int | None:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:  # Qwen2/3: only layers marked sliding use the window
+        sliding = layer_types[layer_idx] == "sliding_attention"
+        return config.sliding_window if sliding else None
+    return getattr(config, "sliding_window", None)  # Mistral: every layer
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, config, spec: ArchSpec, layer_idx: int):
+        super().__init__()
+        head_dim = head_dim_of(config)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim,
+                                          config.num_attention_heads,
+                                          config.num_key_value_heads, bias=spec.qkv_bias)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim,
+                                        config.hidden_size, bias=spec.o_bias)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = head_dim
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+        self.qk_norm = spec.qk_norm
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5,
+                              sliding_window_of(config, layer_idx))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:  # Qwen3 normalises each head before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = self.attn(q, k, v.contiguous())
+        return self.o_proj(o.flatten(1))
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, config, spec: ArchSpec):
+        super().__init__()
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter],
+                                                       bias=spec.mlp_bias)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, spec: ArchSpec, layer_idx: int):
+        super().__init__()
+        self.self_attn = DecoderAttention(config, spec, layer_idx)
+        self.mlp = DecoderMLP(config, spec)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config, spec: ArchSpec):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, spec, i)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config, head_dim_of(config))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+
+class DecoderForCausalLM(nn.Module):
+    """`forward` gives hidden states of every token; `compute_logits` only for rows asked."""
+
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    @classmethod
+    def arch_spec(cls, config) -> ArchSpec:
+        raise NotImplementedError
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, self.arch_spec(config))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+
+class LlamaForCausalLM(DecoderForCausalLM):
+    @classmethod
+    def arch_spec(cls, config) -> ArchSpec:
+        bias = bool(getattr(config, "attention_bias", False))
+        return ArchSpec(qkv_bias=bias, o_bias=bias,
+                        mlp_bias=bool(getattr(config, "mlp_bias", False)))
+
+
+class MistralForCausalLM(DecoderForCausalLM):
+    @classmethod
+    def arch_spec(cls, config) -> ArchSpec:
+        return ArchSpec()
+
+
+class Qwen2ForCausalLM(DecoderForCausalLM):
+    @classmethod
+    def arch_spec(cls, config) -> ArchSpec:
+        return ArchSpec(qkv_bias=True)
+
+
+class Qwen3ForCausalLM(DecoderForCausalLM):
+    @classmethod
+    def arch_spec(cls, config) -> ArchSpec:
+        bias = bool(getattr(config, "attention_bias", False))
+        return ArchSpec(qkv_bias=bias, o_bias=bias, qk_norm=True)

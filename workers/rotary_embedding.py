@@ -1,0 +1,60 @@
+"""Rotary position embedding (rotate-half convention of HF Llama / Qwen).
+
+The inverse frequencies come from transformers' `ROPE_INIT_FUNCTIONS` applied to the HF config,
+so every scaling it knows (linear, llama3, yarn, longrope) matches the reference; `dynamic`
+rescales with the sequence length, which a paged batch of mixed lengths cannot follow, so it is
+refused. cos/sin are computed once per forward for the step's positions and shared by all layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+def _rope_parameters(config) -> dict:
+    params = getattr(config, "rope_parameters", None) or {}
+    if not params:  # transformers < 5 keeps these as separate attributes
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params = dict(params)
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def rope_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
+    """(inv_freq [head_dim / 2], attention scaling) for the HF `config`."""
+    params = _rope_parameters(config)
+    rope_type = params["rope_type"]
+    if rope_type == "default":
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        return 1.0 / (params["rope_theta"] ** exponents), 1.0
+    if rope_type == "dynamic":
+        raise ValueError("dynamic NTK RoPE scaling is not supported")
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"unknown rope_type {rope_type!r}")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return inv_freq.float(), float(scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config, head_dim: int):
+        super().__init__()
+        inv_freq, self.scaling = rope_inv_freq(config, head_dim)
+        if inv_freq.numel() * 2 != head_dim:
+            raise ValueError("partial rotary embeddings are not supported")
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """cos, sin of shape [num_tokens, head_dim] for `positions` [num_tokens]."""
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [num_tokens, heads, head_dim]; cos/sin [num_tokens, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -1,0 +1,127 @@
+"""Worker process: one per device. Run as `python -m zomni.workers.worker '<WorkerConfig JSON>'`.
+
+    start ─► die_with_parent ─► DEALER "rank{r}" connects to the engine's ROUTER ─► init
+    torch.distributed (world > 1) ─► ModelRunner (load weights, allocate KV cache) ─► WORKER_READY
+    (a failure to start is sent as a STEP_RESULT with step_id -1 and `error`, then exit 1)
+    loop:  recv (blocking) ─► STEP: execute_model ─► rank 0 sends STEP_RESULT
+                           └► SHUTDOWN: exit 0
+    execute_model raises ─► rank 0 sends STEP_RESULT with `error` = traceback ─► exit 1
+    SIGTERM / SIGINT ─► close the socket, destroy the process group, exit 0
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+import traceback
+
+import torch.distributed as dist
+import zmq
+
+from zomni._process import die_with_parent
+from zomni.proto import ModelRunnerOutput, MsgType, WorkerConfig, WorkerReady, decode, encode
+from zomni.proto.config import from_json
+from zomni.workers.model_runner import ModelRunner, resolve_device
+
+logger = logging.getLogger("zomni.worker")
+
+
+class _Terminated(BaseException):
+    """Raised from the signal handler; a BaseException so no `except Exception` swallows it."""
+
+
+def _on_signal(signum: int, frame) -> None:
+    raise _Terminated(signal.Signals(signum).name)
+
+
+def init_distributed(config: WorkerConfig) -> None:
+    world = config.engine.tensor_parallel_size
+    if world == 1:
+        return
+    device = resolve_device(config.engine.device, config.rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=config.dist_init_method, rank=config.rank,
+                            world_size=world)
+
+
+def serve(sock: zmq.Socket, runner: ModelRunner, rank: int) -> int:
+    """Execute step plans until SHUTDOWN (returns 0) or a failure (returns 1)."""
+    while True:
+        frames = sock.recv_multipart()  # blocks; no polling loop
+        step_id = -1
+        try:
+            msg_type, msg = decode(frames)
+            if msg_type == MsgType.SHUTDOWN:
+                logger.info("rank %d: shutdown (%s)", rank, msg.reason or "requested")
+                return 0
+            if msg_type != MsgType.STEP:
+                raise ValueError(f"unexpected message {msg_type.name} on the worker channel")
+            step_id = msg.step_id
+            output = runner.execute_model(msg)
+        except Exception:
+            error = traceback.format_exc()
+            logger.error("rank %d: step %d failed\n%s", rank, step_id, error)
+            if rank == 0:
+                sock.send_multipart(encode(MsgType.STEP_RESULT,
+                                           ModelRunnerOutput(step_id, [], [], error=error)))
+            return 1
+        if output is not None:
+            sock.send_multipart(encode(MsgType.STEP_RESULT, output))
+
+
+def _start(sock: zmq.Socket, config: WorkerConfig) -> ModelRunner:
+    init_distributed(config)
+    start = time.perf_counter()
+    runner = ModelRunner(config)
+    logger.info("rank %d: dtype %s, %d KV blocks, weights %.1f MB, loaded in %.2f s "
+                "(ready in %.2f s)", config.rank, runner.dtype, runner.num_kv_blocks,
+                runner.weight_bytes / 2**20, runner.load_time_s, time.perf_counter() - start)
+    sock.send_multipart(encode(MsgType.WORKER_READY, WorkerReady(
+        config.rank, runner.num_kv_blocks, runner.weight_bytes, runner.dtype)))
+    return runner
+
+
+def run_worker(config: WorkerConfig) -> int:
+    ctx = zmq.Context()
+    # Connected before loading, so a failure to start reaches the engine as a message
+    # (a STEP_RESULT with step_id -1 and the traceback) rather than only as an exit code.
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, f"rank{config.rank}".encode())
+    sock.connect(config.engine_address)
+    try:
+        try:
+            runner = _start(sock, config)
+        except Exception:
+            error = traceback.format_exc()
+            logger.error("rank %d: failed to start\n%s", config.rank, error)
+            sock.send_multipart(encode(MsgType.STEP_RESULT,
+                                       ModelRunnerOutput(-1, [], [], error=error)))
+            return 1
+        return serve(sock, runner, config.rank)
+    except _Terminated as e:
+        logger.info("rank %d: %s, exiting", config.rank, e)
+        return 0
+    finally:
+        sock.close(linger=2000)  # let a final STEP_RESULT (or error) reach the engine
+        ctx.term()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m zomni.workers.worker '<WorkerConfig JSON>'", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_worker(from_json(argv[0], WorkerConfig))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
