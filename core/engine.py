@@ -63,23 +63,55 @@ class EngineCore:
         self.clients.setsockopt(zmq.LINGER, 0)
         self.clients.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.clients.bind(config.listen)
-        self.info = read_model_info(config.model, config.max_model_len,
-                                    tensor_parallel_size=config.tensor_parallel_size)
+        self.pending: list[tuple[bytes, MsgType, object]] = []
         start = time.monotonic()
-        self.executor = Executor(config, self.ctx, self.info.max_model_len)
+        try:
+            self.info = read_model_info(config.model, config.max_model_len,
+                                        tensor_parallel_size=config.tensor_parallel_size)
+            # Clients' HELLOs are queued while the workers load, so that a failure to start
+            # can be answered with its reason (rank, error) rather than a bare exit.
+            self.executor = Executor(config, self.ctx, self.info.max_model_len,
+                                     on_idle=lambda: self._receive(timeout_ms=0))
+        except ZomniError as e:
+            self._fail_startup(e)
+            raise
         self.info.dtype = self.executor.dtype
         self.scheduler = Scheduler(config, self.executor.num_kv_blocks, self.info.max_model_len,
                                    self.info.eos_token_ids)
         self.known_clients: set[bytes] = set()
-        self.pending: list[tuple[bytes, MsgType, object]] = []
         self.stopping = False
         self.generated: collections.deque[tuple[float, int]] = collections.deque()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         logger.info("engine ready in %.1f s: %s, dtype %s, %d KV blocks of %d tokens, "
-                    "max_model_len %d, listening on %s", time.monotonic() - start,
-                    self.info.architecture, self.info.dtype, self.executor.num_kv_blocks,
-                    config.block_size, self.info.max_model_len, config.listen)
+                    "max_model_len %d, TP=%d (weights per rank: %s MiB), listening on %s",
+                    time.monotonic() - start, self.info.architecture, self.info.dtype,
+                    self.executor.num_kv_blocks, config.block_size, self.info.max_model_len,
+                    config.tensor_parallel_size,
+                    ", ".join(f"{b / 2**20:.1f}" for b in self.executor.weight_bytes),
+                    config.listen)
+
+    def _fail_startup(self, error: ZomniError) -> None:
+        """Tell every client that said anything (within a second) why the engine cannot start.
+
+        A client's HELLO may still be in flight when the failure is immediate (a config error),
+        hence the short linger; an engine started alone exits one second later than it could.
+        """
+        logger.error("engine failed to start: %s", error)
+        answered: set[bytes] = set()
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            self._receive(timeout_ms=100)
+            for identity, _msg_type, _msg in self.pending:
+                if identity not in answered:
+                    answered.add(identity)
+                    self._send(identity, MsgType.ERROR,
+                               ErrorMsg(type(error).__name__, error.message))
+            self.pending = []
+            if answered:
+                break
+        self.clients.close(linger=500)  # let the answers leave before the process exits
+        self.ctx.term()
 
     # ---- main loop ------------------------------------------------------------------------
 
@@ -96,6 +128,7 @@ class EngineCore:
         except EngineDead as e:
             logger.error("engine failed: %s", e)
             self._broadcast_dead(str(e))
+            self.shutdown(failed=True)
             raise
         finally:
             self.shutdown()
@@ -219,13 +252,15 @@ class EngineCore:
                      generation_tokens_total=self.generation_tokens_total,
                      num_preemptions=s["num_preemptions"])
 
-    def shutdown(self) -> None:
+    def shutdown(self, failed: bool = False) -> None:
+        """Stop the workers; after a failure without waiting for them (some may be stuck in a
+        collective), and lingering so the ENGINE_DEAD messages reach the clients."""
         if getattr(self, "_closed", False):
             return
         self._closed = True
         self._broadcast_dead("engine shut down")
-        self.executor.shutdown()
-        self.clients.close(linger=0)
+        self.executor.shutdown(graceful=not failed)
+        self.clients.close(linger=500 if failed else 0)
         self.ctx.term()
 
 
@@ -249,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         engine_box.append(EngineCore(config))
         engine_box[0].run()
-    except EngineDead as e:
+    except ZomniError as e:  # already logged with its cause; no traceback for a known error
         logger.error("%s", e)
         sys.exit(1)
 

@@ -4,73 +4,170 @@
                        └── rank1 … rankN-1                     (execute, return nothing)
 
 A plan is encoded once and the same frames are sent to every rank. Only rank 0 answers.
-A worker that exits, or answers with an error, raises `EngineDead` naming the rank.
+
+Failure handling (the invariant: an Executor that raises has left no worker process behind):
+- the tensor-parallel size is checked against the model's heads before any worker starts;
+- a worker that fails to start, exits, or answers with an error raises `EngineDead` naming the
+  rank. When one rank dies, its peers usually fail a collective a moment later; the message
+  names the rank that went first (killed, or exited without an error report) before the ranks
+  that merely reported the broken collective.
+
+The torch.distributed rendezvous is a `file://` store in a private temporary directory: no
+TCP port is chosen ahead of time, so two engines started at once cannot race for one (gloo and
+nccl then pick their own ports, bound by the OS).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import zmq
 
-from zomni._process import free_port, new_ipc_address
-from zomni.proto import EngineConfig, EngineDead, ModelRunnerOutput, MsgType, decode, encode
+from zomni._process import new_ipc_address
+from zomni.proto import (
+    EngineConfig,
+    EngineDead,
+    InvalidRequest,
+    ModelRunnerOutput,
+    MsgType,
+    decode,
+    encode,
+)
 from zomni.proto.config import WorkerConfig, to_json
 from zomni.proto.messages import SchedulerOutput, Shutdown, WorkerReady
 
 logger = logging.getLogger("zomni.engine")
 
 _POLL_MS = 200  # how often a waiting executor checks that its workers are still alive
+_GRACE_S = 1.0  # after a death: how long to wait for the other ranks' error reports
+
+
+def check_tensor_parallel(model_dir: str, tp: int) -> None:
+    """Raise `InvalidRequest` unless `tp` ranks can split the model's heads and MLP evenly.
+
+    Attention heads must divide evenly; KV heads either divide evenly or are replicated
+    (then `tp` must be a multiple of their number), as in `QKVParallelLinear`.
+    """
+    if tp == 1:
+        return
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    inter = int(cfg.get("intermediate_size", 0))
+    if tp > heads or heads % tp:
+        reason = f"must divide the model's {heads} attention heads"
+    elif kv_heads % tp and tp % kv_heads:
+        reason = f"must divide the model's {kv_heads} KV heads or be a multiple of them"
+    elif inter % tp:
+        reason = f"must divide the model's intermediate_size {inter}"
+    else:
+        return
+    raise InvalidRequest(f"tensor_parallel_size={tp} {reason}", param="tensor_parallel_size")
+
+
+def _error_line(error: str) -> str:
+    """The exception line of a worker's traceback: what a user needs in a one-line message."""
+    lines = [line for line in error.strip().splitlines() if line.strip()]
+    line = lines[-1].strip() if lines else "unknown error"
+    return line if len(line) <= 300 else line[:300] + " ..."
 
 
 class Executor:
     def __init__(self, config: EngineConfig, ctx: zmq.Context, max_model_len: int,
-                 startup_timeout: float = 600.0):
+                 startup_timeout: float = 600.0, on_idle: Callable[[], None] | None = None):
+        check_tensor_parallel(config.model, config.tensor_parallel_size)
         self.config = config
         self.world_size = config.tensor_parallel_size
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.address = new_ipc_address("workers")
         self.socket.bind(self.address)
-        dist_init = f"tcp://127.0.0.1:{free_port()}"
+        self.dist_dir = tempfile.mkdtemp(prefix="zomni-dist-")
+        self.errors: dict[int, str] = {}  # rank -> error a worker reported
         self.procs: list[subprocess.Popen] = []
-        for rank in range(self.world_size):
-            wcfg = WorkerConfig(engine=config, rank=rank, engine_address=self.address,
-                                dist_init_method=dist_init, max_model_len=max_model_len)
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "zomni.workers.worker", to_json(wcfg)]))
-        ready = self._wait_ready(startup_timeout)
+        try:
+            for rank in range(self.world_size):
+                wcfg = WorkerConfig(engine=config, rank=rank, engine_address=self.address,
+                                    dist_init_method=f"file://{self.dist_dir}/store",
+                                    max_model_len=max_model_len)
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "zomni.workers.worker", to_json(wcfg)]))
+            ready = self._wait_ready(startup_timeout, on_idle or (lambda: None))
+        except BaseException:
+            self.shutdown(graceful=False)
+            raise
         self.num_kv_blocks = min(r.num_kv_blocks for r in ready)
         self.weight_bytes = [r.weight_bytes for r in sorted(ready, key=lambda r: r.rank)]
         self.dtype = ready[0].dtype
 
-    def _wait_ready(self, timeout: float) -> list[WorkerReady]:
+    def _wait_ready(self, timeout: float, on_idle: Callable[[], None]) -> list[WorkerReady]:
         ready: dict[int, WorkerReady] = {}
         deadline = time.monotonic() + timeout
         while len(ready) < self.world_size:
-            self.check_alive()
+            on_idle()
+            self.check_alive(starting=True)
             if time.monotonic() > deadline:
                 raise EngineDead(f"workers not ready after {timeout:.0f} s "
                                  f"(ready ranks: {sorted(ready)})")
-            if self.socket.poll(_POLL_MS):
-                _identity, *frames = self.socket.recv_multipart()
-                msg_type, msg = decode(frames)
-                if msg_type == MsgType.WORKER_READY:
-                    ready[msg.rank] = msg
-                elif msg_type == MsgType.STEP_RESULT and msg.error:
-                    raise EngineDead(f"worker failed to start: {msg.error}")
+            got = self._recv(_POLL_MS)
+            if got is None:
+                continue
+            rank, msg_type, msg = got
+            if msg_type == MsgType.WORKER_READY:
+                ready[msg.rank] = msg
+            elif msg_type == MsgType.STEP_RESULT and msg.error:
+                self._raise_dead(rank, starting=True)
         return list(ready.values())
 
-    def check_alive(self) -> None:
+    def _recv(self, timeout_ms: int) -> tuple[int, MsgType, object] | None:
+        """(rank, type, message) of the next worker message; error reports are recorded."""
+        if not self.socket.poll(timeout_ms):
+            return None
+        identity, *frames = self.socket.recv_multipart()
+        rank = int(identity.decode().removeprefix("rank"))
+        msg_type, msg = decode(frames)
+        if msg_type == MsgType.STEP_RESULT and msg.error:
+            self.errors[rank] = msg.error
+        return rank, msg_type, msg
+
+    def check_alive(self, starting: bool = False) -> None:
         for rank, proc in enumerate(self.procs):
-            code = proc.poll()
-            if code is not None:
-                raise EngineDead(f"worker rank {rank} exited with code {code}")
+            if proc.poll() is not None:
+                self._raise_dead(rank, starting)
+
+    def _raise_dead(self, first_rank: int, starting: bool = False) -> None:
+        """Raise `EngineDead` naming every failed rank, the likely cause first."""
+        deadline = time.monotonic() + _GRACE_S
+        while time.monotonic() < deadline:  # collect the others' reports and exit codes
+            if self._recv(50) is None and all(p.poll() is not None for p in self.procs):
+                break
+        failed = [r for r, p in enumerate(self.procs)
+                  if r in self.errors or p.poll() is not None] or [first_rank]
+        # A rank killed by a signal, or gone without a report, is the cause; then the first
+        # to report an error. Later reports are usually only peers seeing a collective break.
+        reported = list(self.errors)  # in order of arrival
+        failed.sort(key=lambda r: (r in self.errors, reported.index(r) if r in self.errors else r))
+        parts = [f"rank {r} {self._describe(r, starting)}" for r in failed]
+        raise EngineDead(f"worker {parts[0]}" + "".join(f"; then {p}" for p in parts[1:]))
+
+    def _describe(self, rank: int, starting: bool) -> str:
+        if rank in self.errors:
+            return f"failed{' to start' if starting else ''}: {_error_line(self.errors[rank])}"
+        code = self.procs[rank].poll()
+        when = " before it was ready" if starting else ""
+        if code is not None and code < 0:
+            return f"was killed by {signal.Signals(-code).name}{when}"
+        return f"exited with code {code}{when}"
 
     def execute(self, plan: SchedulerOutput) -> None:
         """Send the plan to every rank without waiting (the engine overlaps input handling)."""
@@ -82,33 +179,41 @@ class Executor:
         """Block until rank 0 answers; `on_idle` runs whenever the engine may do other work."""
         while True:
             on_idle()
-            if not self.socket.poll(_POLL_MS):
+            got = self._recv(_POLL_MS)
+            if got is None:
                 self.check_alive()
                 continue
-            _identity, *frames = self.socket.recv_multipart()
-            msg_type, msg = decode(frames)
+            rank, msg_type, msg = got
             if msg_type != MsgType.STEP_RESULT:
                 continue
             if msg.error:
-                raise EngineDead(f"worker rank 0 failed: {msg.error}")
+                self._raise_dead(rank)
             return msg
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Ask every worker to exit, then terminate (and finally kill) the stragglers."""
-        frames = encode(MsgType.SHUTDOWN, Shutdown("engine shutting down"))
-        for rank, proc in enumerate(self.procs):
-            if proc.poll() is None:
-                with contextlib.suppress(zmq.ZMQError):
-                    self.socket.send_multipart([f"rank{rank}".encode(), *frames],
-                                               flags=zmq.NOBLOCK)
+    def shutdown(self, timeout: float = 10.0, graceful: bool = True) -> None:
+        """Ask every worker to exit, then terminate (and finally kill) the stragglers.
+
+        Not graceful (a failure): a worker stuck in a collective with a dead peer cannot read
+        SHUTDOWN, so all get SIGTERM at once and SIGKILL 2 s later.
+        """
+        if graceful:
+            frames = encode(MsgType.SHUTDOWN, Shutdown("engine shutting down"))
+            for rank, proc in enumerate(self.procs):
+                if proc.poll() is None:
+                    with contextlib.suppress(zmq.ZMQError):
+                        self.socket.send_multipart([f"rank{rank}".encode(), *frames],
+                                                   flags=zmq.NOBLOCK)
+            self._wait_all(timeout)
+        for stop in (subprocess.Popen.terminate, subprocess.Popen.kill):
+            for proc in self.procs:
+                if proc.poll() is None:
+                    stop(proc)
+            self._wait_all(2.0)
+        self.socket.close(linger=0)
+        shutil.rmtree(self.dist_dir, ignore_errors=True)
+
+    def _wait_all(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for proc in self.procs:
-            for sig in (None, proc.terminate, proc.kill):
-                if sig is not None:
-                    sig()
-                try:
-                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                    break
-                except subprocess.TimeoutExpired:
-                    deadline = time.monotonic() + 2.0
-        self.socket.close(linger=0)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))

@@ -81,11 +81,13 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--tensor-parallel-size", default="1",
+                    help="a size, or several (1,2) run back to back with their ratio")
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers run")
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--num-threads", type=int, default=None, help="torch threads per worker")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -101,14 +103,20 @@ def main() -> None:
     vocab = json.loads(Path(model, "config.json").read_text())["vocab_size"]
     prompts = prompts_for(args.num_prompts, args.input_len, vocab, args.seed)
     extra = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
-                               ("max_num_batched_tokens", args.max_num_batched_tokens))
+                               ("max_num_batched_tokens", args.max_num_batched_tokens),
+                               ("num_threads", args.num_threads))
              if v is not None}
     print(f"machine: {machine()}")
     print(f"workload: {args.num_prompts} prompts x {args.input_len} in / {args.output_len} out, "
           f"{args.arch} {args.shape}, {args.dtype}, TP={args.tensor_parallel_size}")
-    ours = bench_zomni(model, prompts, args.output_len, args.dtype, args.tensor_parallel_size,
-                       extra)
-    print(f"zomni:        {ours:8.1f} output tok/s")
+    tp_sizes = [int(tp) for tp in args.tensor_parallel_size.split(",")]
+    rates = {}
+    for tp in tp_sizes:  # back to back: a shared machine's load drifts less between them
+        rates[tp] = bench_zomni(model, prompts, args.output_len, args.dtype, tp, extra)
+        print(f"zomni TP={tp}:  {rates[tp]:8.1f} output tok/s"
+              + (f"  ({rates[tp] / rates[tp_sizes[0]]:.2f}x TP={tp_sizes[0]})"
+                 if tp != tp_sizes[0] else ""))
+    ours = rates[tp_sizes[0]]
     if not args.no_hf:
         ref = bench_transformers(model, prompts, args.output_len, args.dtype, args.hf_batch_size)
         print(f"transformers: {ref:8.1f} output tok/s (static batches of {args.hf_batch_size})")

@@ -57,15 +57,19 @@ class StepInputs:
     sampling_requests: list[RequestState]  # [S], plan order
 
 
-def resolve_device(device: str, rank: int) -> torch.device:
+def resolve_device(device: str, rank: int, world_size: int = 1) -> torch.device:
+    """This rank's device: CUDA device `rank` (one device per worker, as nccl requires), or
+    the CPU, whose cores the ranks share."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
-        index = rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
+        if world_size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={world_size} needs one CUDA device per "
+                             f"worker, but torch sees {torch.cuda.device_count()}")
+        torch.cuda.set_device(rank)
+        return torch.device("cuda", rank)
     return torch.device("cpu")
 
 
@@ -80,7 +84,7 @@ class ModelRunner:
         engine = config.engine
         self.rank = config.rank
         world = engine.tensor_parallel_size
-        self.device = resolve_device(engine.device, config.rank)
+        self.device = resolve_device(engine.device, config.rank, world)
         if self.device.type == "cpu":  # ranks on one machine share its cores
             torch.set_num_threads(engine.num_threads or max(1, (os.cpu_count() or 1) // world))
         self.dtype = resolve_dtype(engine.dtype, self.device)

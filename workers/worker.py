@@ -5,18 +5,24 @@
     (a failure to start is sent as a STEP_RESULT with step_id -1 and `error`, then exit 1)
     loop:  recv (blocking) ─► STEP: execute_model ─► rank 0 sends STEP_RESULT
                            └► SHUTDOWN: exit 0
-    execute_model raises ─► rank 0 sends STEP_RESULT with `error` = traceback ─► exit 1
+    execute_model raises ─► this rank sends STEP_RESULT with `error` = traceback ─► exit 1
     SIGTERM / SIGINT ─► close the socket, destroy the process group, exit 0
+
+ZOMNI_PROFILE_DIR=<dir> profiles the serving loop and writes each rank's op table there.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import zmq
 
@@ -40,13 +46,14 @@ def init_distributed(config: WorkerConfig) -> None:
     world = config.engine.tensor_parallel_size
     if world == 1:
         return
-    device = resolve_device(config.engine.device, config.rank)
+    device = resolve_device(config.engine.device, config.rank, world)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             init_method=config.dist_init_method, rank=config.rank,
                             world_size=world)
 
 
-def serve(sock: zmq.Socket, runner: ModelRunner, rank: int) -> int:
+def serve(sock: zmq.Socket, runner: ModelRunner, rank: int,
+          on_step: Callable[[], None] = lambda: None) -> int:
     """Execute step plans until SHUTDOWN (returns 0) or a failure (returns 1)."""
     while True:
         frames = sock.recv_multipart()  # blocks; no polling loop
@@ -61,14 +68,37 @@ def serve(sock: zmq.Socket, runner: ModelRunner, rank: int) -> int:
             step_id = msg.step_id
             output = runner.execute_model(msg)
         except Exception:
+            # Every rank reports: the engine names the rank that failed first, not rank 0
+            # seeing its collective break afterwards.
             error = traceback.format_exc()
             logger.error("rank %d: step %d failed\n%s", rank, step_id, error)
-            if rank == 0:
-                sock.send_multipart(encode(MsgType.STEP_RESULT,
-                                           ModelRunnerOutput(step_id, [], [], error=error)))
+            sock.send_multipart(encode(MsgType.STEP_RESULT,
+                                       ModelRunnerOutput(step_id, [], [], error=error)))
             return 1
         if output is not None:
             sock.send_multipart(encode(MsgType.STEP_RESULT, output))
+        on_step()
+
+
+def _step_profiler(rank: int) -> Callable[[], None]:
+    """With ZOMNI_PROFILE_DIR set, profile steps 8-107 of this rank (CPU ops, collectives
+    included) and write their op table to <dir>/rank<r>.txt, to answer "where does the time
+    go". Returns the callback to run after each step (a no-op without the variable)."""
+    out_dir = os.environ.get("ZOMNI_PROFILE_DIR")
+    if not out_dir:
+        return lambda: None
+
+    def write(prof: torch.profiler.profile) -> None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        (Path(out_dir) / f"rank{rank}.txt").write_text(table)
+
+    prof = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], on_trace_ready=write,
+        # written mid-run, when the window closes: at exit the engine may not wait for it
+        schedule=torch.profiler.schedule(wait=5, warmup=2, active=100, repeat=1))
+    prof.start()
+    return prof.step
 
 
 def _start(sock: zmq.Socket, config: WorkerConfig) -> ModelRunner:
@@ -99,7 +129,7 @@ def run_worker(config: WorkerConfig) -> int:
             sock.send_multipart(encode(MsgType.STEP_RESULT,
                                        ModelRunnerOutput(-1, [], [], error=error)))
             return 1
-        return serve(sock, runner, config.rank)
+        return serve(sock, runner, config.rank, on_step=_step_profiler(config.rank))
     except _Terminated as e:
         logger.info("rank %d: %s, exiting", config.rank, e)
         return 0
