@@ -1,0 +1,185 @@
+"""The `zomni` command: start all processes, or any one of them on its own.
+
+    zomni serve    [--model PATH] [engine flags] [frontend flags]   engine core + workers + HTTP
+    zomni engine   [--model PATH] --listen tcp://127.0.0.1:5555 [engine flags]
+    zomni frontend --engine tcp://127.0.0.1:5555 [frontend flags]
+
+Engine flags are generated from `EngineConfig`'s fields (`max_num_seqs` → `--max-num-seqs`), so
+a new field gets its flag for free. Flags left out fall back to `ZOMNI_<FIELD>` environment
+variables, then to the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import types
+import typing
+
+import msgspec
+
+from zomni.proto import EngineConfig, ZomniError
+
+from . import server
+from .launch import EngineProcess, make_config
+
+logger = logging.getLogger("zomni")
+
+_ENGINE_HELP = {
+    "tensor_parallel_size": "worker processes (one per device) sharing every layer",
+    "dtype": "auto | float32 | bfloat16 | float16",
+    "device": "auto | cpu | cuda",
+    "max_model_len": "context length to serve (default: the model's)",
+    "block_size": "tokens per KV-cache block",
+    "kv_cache_memory_gb": "KV-cache memory per worker, in GiB",
+    "num_kv_blocks": "KV-cache blocks per worker (overrides --kv-cache-memory-gb)",
+    "max_num_seqs": "most requests running at once",
+    "max_num_batched_tokens": "token budget of one engine step",
+    "max_waiting_requests": "bound of the engine's waiting queue; beyond it: HTTP 429",
+    "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",
+    "seed": "engine-wide sampling seed",
+    "num_threads": "torch threads per worker (default: all cores)",
+}
+
+
+def _flag_type(annotation) -> type:
+    """`int | None` → int: the type argparse converts a flag's value with."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser, listen_default: str | None) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("model_tag", nargs="?", metavar="MODEL",
+                       help="model directory (same as --model)")
+    group.add_argument("--model", help="HF-format model directory (default: the bundled "
+                       "demo model)")
+    group.add_argument("--listen", help="the engine's client address (ipc:// or tcp://); "
+                       f"default {listen_default or 'a private ipc:// path'}")
+    parser.set_defaults(default_listen=listen_default)
+    hints = typing.get_type_hints(EngineConfig)
+    for field in msgspec.structs.fields(EngineConfig):
+        if field.name in ("model", "listen"):
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        kind = _flag_type(hints[field.name])
+        help_ = _ENGINE_HELP.get(field.name, field.name)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_)
+        else:
+            if "default" not in help_:
+                help_ += f" (default: {field.default})"
+            group.add_argument(flag, type=kind, default=None, help=help_)
+
+
+def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("HTTP frontend")
+    group.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    group.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    group.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* "
+                       "(or set ZOMNI_API_KEY)")
+    group.add_argument("--served-model-name", help="the model's name in the API (default: "
+                       "its path)")
+    group.add_argument("--tokenizer", help="tokenizer directory (default: the engine's model)")
+    group.add_argument("--max-inflight-requests", type=int,
+                       help="engine requests in flight per frontend; beyond: 429 (default 1024)")
+    group.add_argument("--engine-ready-timeout", type=float,
+                       help="seconds to wait for the engine to be ready (default 600)")
+    group.add_argument("--access-log", action="store_true", default=None,
+                       help="log every HTTP request")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zomni", description="Serve LLMs over HTTP.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="engine core, workers and an HTTP frontend")
+    _add_engine_flags(serve, listen_default=None)
+    _add_frontend_flags(serve)
+    engine = sub.add_parser("engine", help="engine core and workers only")
+    _add_engine_flags(engine, listen_default=server.DEFAULT_ENGINE_ADDRESS)
+    frontend = sub.add_parser("frontend", help="an HTTP frontend for a running engine")
+    frontend.add_argument("--engine", help="the engine's address (default "
+                          f"{server.DEFAULT_ENGINE_ADDRESS})")
+    _add_frontend_flags(frontend)
+    return parser
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    overrides = {f: getattr(args, f) for f in EngineConfig.__struct_fields__
+                 if f not in ("model", "listen")}
+    cfg = make_config(args.model or args.model_tag, listen=args.listen, **overrides)
+    if not cfg.listen and args.default_listen:  # neither --listen nor ZOMNI_LISTEN
+        cfg.listen = args.default_listen
+    return cfg
+
+
+def _frontend_config(args: argparse.Namespace, engine: str) -> server.FrontendConfig:
+    names = ("host", "port", "api_key", "served_model_name", "tokenizer",
+             "max_inflight_requests", "engine_ready_timeout", "access_log")
+    return server.FrontendConfig.from_env(engine=engine, **{n: getattr(args, n) for n in names})
+
+
+def _log_config(what: str, cfg: msgspec.Struct) -> None:
+    shown = msgspec.structs.asdict(cfg)
+    if shown.get("api_key"):
+        shown["api_key"] = "***"  # never print secrets
+    logger.info("%s config: %s", what, shown)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    engine_cfg = _engine_config(args)
+    frontend_cfg = _frontend_config(args, engine="")  # validated before anything starts
+    process = EngineProcess(engine_cfg)
+    try:
+        frontend_cfg = msgspec.structs.replace(frontend_cfg, engine=process.address)
+        _log_config("frontend", frontend_cfg)
+        return server.run(frontend_cfg, process)
+    finally:
+        process.shutdown()
+
+
+def _frontend(args: argparse.Namespace) -> int:
+    cfg = _frontend_config(args, engine=args.engine)
+    _log_config("frontend", cfg)
+    return server.run(cfg)
+
+
+def _engine(args: argparse.Namespace) -> int:
+    # A child process, not `core.engine.main` here: the engine dies with its parent (no
+    # orphans), and for `zomni engine` that parent must be this command, not the shell that
+    # started it (`zomni engine ... &` from a script that then exits would kill it).
+    process = EngineProcess(_engine_config(args))
+
+    def stop(signum: int, _frame) -> None:
+        process.proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    code = process.proc.wait()
+    return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("ZOMNI_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run = {"serve": _serve, "engine": _engine, "frontend": _frontend}[args.command]
+    try:
+        code = run(args)
+    except (ZomniError, msgspec.ValidationError, ValueError) as e:
+        parser.exit(2, f"zomni {args.command}: error: {e}\n")
+    except OSError as e:  # e.g. the port is taken
+        parser.exit(1, f"zomni {args.command}: error: {e}\n")
+    except KeyboardInterrupt:
+        code = 0
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The `zomni` command and the scripts/ launchers: flags, errors, clean stops."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+from http_utils import Proc, scripted_model, zomni_cmd
+
+from zomni._process import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_command_and_engine_flag():
+    out = subprocess.run(zomni_cmd("--help"), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and all(c in out.stdout for c in ("serve", "engine", "frontend"))
+    out = subprocess.run(zomni_cmd("serve", "--help"), capture_output=True, text=True,
+                         timeout=60)
+    for flag in ("--tensor-parallel-size", "--max-model-len", "--dtype", "--num-kv-blocks",
+                 "--kv-cache-memory-gb", "--max-num-seqs", "--max-num-batched-tokens",
+                 "--api-key", "--host", "--port", "--no-enable-prefix-caching"):
+        assert flag in out.stdout
+
+
+def test_bad_model_is_a_clear_error(tmp_path):
+    out = subprocess.run(zomni_cmd("serve", "--model", str(tmp_path / "none")),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "no config.json in model directory" in out.stderr
+
+
+def test_serve_script_stops_cleanly_on_sigint(tmp_path_factory, tmp_path):
+    model, _, _ = scripted_model(tmp_path_factory)
+    port = free_port()
+    proc = Proc([sys.executable, str(ROOT / "scripts" / "serve.py"), str(model),
+                 "--port", str(port), "--num-kv-blocks", "64", "--num-threads", "1"],
+                tmp_path / "serve.log", port)
+    try:
+        proc.wait_healthy()
+        everyone = [psutil.Process(proc.proc.pid),
+                    *psutil.Process(proc.proc.pid).children(recursive=True)]
+        assert len(everyone) >= 3  # frontend, engine core, worker
+        assert proc.stop(signal.SIGINT) == 0, proc.output()
+        gone, alive = psutil.wait_procs(everyone, timeout=30)
+        assert not alive
+    finally:
+        proc.kill()
