@@ -138,7 +138,7 @@ def _our_prefill_logits(model_dir, ids: torch.Tensor) -> torch.Tensor:
     """Logits of every position, each row of `ids` a request, all prefilled in one forward."""
     model, _ = load_model(model_dir, torch.float32, "cpu")
     layers = model.attention_layers()
-    cache = torch.zeros(2, len(layers), 64, BLOCK_SIZE, layers[0].num_kv_heads,
+    cache = torch.zeros(2, len(layers), 64, layers[0].num_kv_heads, BLOCK_SIZE,
                         layers[0].head_dim)
     for i, layer in enumerate(layers):
         layer.k_cache, layer.v_cache = cache[0, i], cache[1, i]

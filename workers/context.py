@@ -10,8 +10,9 @@ For attention, requests are split into at most two groups, each run as one padde
     decode group   (query_len == 1): q [B, H, 1, D]      vs K/V [B, Hkv, max_blocks * bs, D]
     prefill group  (query_len >  1): q [B, H, max_q, D]  vs K/V [B, Hkv, max_blocks * bs, D]
 
-K/V of a group are gathered from the paged cache by block: cache[block_tables] gives
-[B, max_blocks, bs, Hkv, D], which is the request's positions 0 .. max_blocks * bs - 1 in order.
+K/V of a group are gathered from the paged cache [num_blocks, Hkv, bs, D] by (block, head):
+one index_select gives [B, Hkv, max_blocks, bs, D] = [B, Hkv, max_kv, D], contiguous, which is
+the request's positions 0 .. max_blocks * bs - 1 in order (see `AttentionGroup.gather_rows`).
 Padding (short block tables point at block 0, short queries repeat their last position) is
 removed by the mask `kv_position <= q_position`, which is also the causal mask. Padded query
 rows attend like the request's last token, so they stay finite; their outputs are dropped.
@@ -37,6 +38,17 @@ class AttentionGroup:
     q_positions: torch.Tensor  # [B, max_q], padding repeats the request's last position
     kv_positions: torch.Tensor  # [max_blocks * block_size]
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _gather_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def gather_rows(self, num_kv_heads: int) -> torch.Tensor:
+        """[B * Hkv * max_blocks] rows of the cache viewed as [num_blocks * Hkv, bs * D]:
+        (block_tables[b, j], head h) for b, h, j in order, so one index_select gives K of the
+        group as [B, Hkv, max_blocks * bs, D], contiguous. Shared by all layers of a step."""
+        if num_kv_heads not in self._gather_rows:
+            heads = torch.arange(num_kv_heads, device=self.block_tables.device)
+            rows = self.block_tables[:, None, :] * num_kv_heads + heads[None, :, None]
+            self._gather_rows[num_kv_heads] = rows.flatten()
+        return self._gather_rows[num_kv_heads]
 
     def mask(self, sliding_window: int | None = None) -> torch.Tensor:
         """Boolean [B, 1, max_q, max_kv]: True where a query may attend to a key."""
@@ -56,6 +68,18 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot written by each token
     groups: list[AttentionGroup]
     block_size: int
+    _write_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def write_rows(self, num_kv_heads: int) -> torch.Tensor:
+        """[T * Hkv] rows of the cache viewed as [num_blocks * Hkv * bs, D] that token t,
+        head h writes: ((block * Hkv + h) * bs + offset). Shared by all layers of a step."""
+        if num_kv_heads not in self._write_rows:
+            bs = self.block_size
+            block, offset = self.slot_mapping // bs, self.slot_mapping % bs
+            heads = torch.arange(num_kv_heads, device=self.slot_mapping.device)
+            rows = (block[:, None] * num_kv_heads + heads[None, :]) * bs + offset[:, None]
+            self._write_rows[num_kv_heads] = rows.flatten()
+        return self._write_rows[num_kv_heads]
 
 
 def _ceil_div(a: np.ndarray | int, b: int):

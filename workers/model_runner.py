@@ -16,9 +16,12 @@ broadcast so every rank's token_ids stay identical, and other ranks return None.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -34,6 +37,8 @@ from zomni.workers.context import AttentionMetadata, build_attention_metadata, s
 from zomni.workers.loader import load_model
 from zomni.workers.parallel_state import broadcast
 from zomni.workers.sampler import Sampler, SamplingMetadata
+
+logger = logging.getLogger("zomni.worker")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,10 +78,44 @@ def resolve_device(device: str, rank: int, world_size: int = 1) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    if dtype == "auto":  # bf16 is emulated and slow on most CPUs
-        return "float32" if device.type == "cpu" else "bfloat16"
-    return dtype
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it and bf16 matmuls run slower than fp32."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return False
+    flags = next((line for line in lines if line.startswith("flags")), "")
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def checkpoint_dtype(model_dir: str) -> str | None:
+    """The dtype the checkpoint's config.json says its weights are stored in, if any."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("torch_dtype") or cfg.get("dtype")
+
+
+def resolve_dtype(dtype: str, device: torch.device, model_dir: str = "") -> tuple[str, str]:
+    """(dtype, why) for `dtype` as asked; "auto" picks the fastest that keeps the weights:
+
+    - CUDA: bfloat16.
+    - CPU: bfloat16 when the CPU has native bf16 matmul (~4x fp32 on AVX512-BF16) and the
+      checkpoint is stored in 16 bits anyway; otherwise float32 (an fp32 checkpoint stays
+      exact, and emulated bf16 is slower than fp32).
+    """
+    if dtype != "auto":
+        return dtype, "asked for"
+    if device.type != "cpu":
+        return "bfloat16", f"auto on {device.type}"
+    stored = checkpoint_dtype(model_dir)
+    native = cpu_has_native_bf16()
+    if native and stored in ("bfloat16", "float16"):
+        return "bfloat16", f"auto: {stored} checkpoint, CPU has native bf16 matmul"
+    why = "no native bf16 matmul on this CPU" if not native else f"checkpoint is {stored}"
+    return "float32", f"auto: {why}"
 
 
 class ModelRunner:
@@ -85,9 +124,12 @@ class ModelRunner:
         self.rank = config.rank
         world = engine.tensor_parallel_size
         self.device = resolve_device(engine.device, config.rank, world)
-        if self.device.type == "cpu":  # ranks on one machine share its cores
-            torch.set_num_threads(engine.num_threads or max(1, (os.cpu_count() or 1) // world))
-        self.dtype = resolve_dtype(engine.dtype, self.device)
+        if self.device.type == "cpu":  # ranks on one machine share the cores it may run on
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+            torch.set_num_threads(engine.num_threads
+                                  or max(1, (cores or os.cpu_count() or 1) // world))
+        self.dtype, why = resolve_dtype(engine.dtype, self.device, engine.model)
+        logger.info("rank %d: dtype %s (%s)", self.rank, self.dtype, why)
         self.torch_dtype = _DTYPES[self.dtype]
 
         start = time.perf_counter()
@@ -120,13 +162,13 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         """One tensor for all layers; each Attention module gets views of its K and V.
 
-            kv_cache: [2 (K, V), num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+            kv_cache: [2 (K, V), num_layers, num_blocks, num_kv_heads, block_size, head_dim]
 
         Zeroed once: padded reads of never-written slots are masked, but must not be NaN.
         """
         layers = self.model.attention_layers()
-        self.kv_cache = torch.zeros(2, len(layers), self.num_kv_blocks, self.block_size,
-                                    layers[0].num_kv_heads, layers[0].head_dim,
+        self.kv_cache = torch.zeros(2, len(layers), self.num_kv_blocks, layers[0].num_kv_heads,
+                                    self.block_size, layers[0].head_dim,
                                     dtype=self.torch_dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]

@@ -1,0 +1,91 @@
+"""Paged attention: the head-major KV cache layout, the CPU decode matmul path against
+SDPA, and the choice of dtype for `dtype="auto"`."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from zomni.workers import model_runner
+from zomni.workers.attention import Attention
+from zomni.workers.context import build_attention_metadata, set_context
+
+H, HKV, D, BS, BLOCKS = 4, 2, 8, 4, 16
+
+
+def _attention_with_cache(dtype: torch.dtype) -> Attention:
+    attn = Attention(H, HKV, D, D**-0.5)
+    cache = torch.randn(2, BLOCKS, HKV, BS, D, dtype=dtype)
+    attn.k_cache, attn.v_cache = cache[0], cache[1]
+    return attn
+
+
+def _reference(attn: Attention, q, tables, kv_lens):
+    """Per request, K/V read by hand from the head-major blocks, then plain SDPA."""
+    out = []
+    for i, (blocks, n) in enumerate(zip(tables, kv_lens)):
+        k = torch.cat([attn.k_cache[b] for b in blocks], dim=1)[:, :n]  # [Hkv, n, D]
+        v = torch.cat([attn.v_cache[b] for b in blocks], dim=1)[:, :n]
+        o = F.scaled_dot_product_attention(q[i, :, None].float(), k.float(), v.float(),
+                                           scale=attn.scale, enable_gqa=True)
+        out.append(o[:, 0])
+    return torch.stack(out)
+
+
+def test_decode_writes_head_major_slots_and_matches_reference():
+    torch.manual_seed(0)
+    attn = _attention_with_cache(torch.float32)
+    tables, starts = [[3, 7], [9], [5, 1, 2]], [5, 2, 9]
+    md = build_attention_metadata([1, 1, 1], starts, tables, block_size=BS)
+    q, k, v = torch.randn(3, H, D), torch.randn(3, HKV, D), torch.randn(3, HKV, D)
+    set_context(md)
+    try:
+        with torch.inference_mode():
+            out = attn(q, k, v)
+            padded_q = q.view(3, 1, H, D).transpose(1, 2)
+            sdpa_out = F.scaled_dot_product_attention(
+                padded_q, attn._gather(attn.k_cache, md.groups[0]),
+                attn._gather(attn.v_cache, md.groups[0]), attn_mask=md.groups[0].mask(),
+                scale=attn.scale, enable_gqa=True)[:, :, 0]
+    finally:
+        set_context(None)
+    # token 0 at position 5 -> block tables[0][1] = 7, offset 1, every head
+    torch.testing.assert_close(attn.k_cache[7, :, 1], k[0])
+    torch.testing.assert_close(attn.v_cache[2, :, 1], v[2])
+    ref = _reference(attn, q, tables, [s + 1 for s in starts])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sdpa_out, ref, rtol=1e-5, atol=1e-5)  # the gather
+
+
+def test_bf16_decode_uses_matmul_path_close_to_fp32():
+    torch.manual_seed(1)
+    attn = _attention_with_cache(torch.bfloat16)
+    tables, starts = [[3, 7], [9, 4]], [6, 4]
+    md = build_attention_metadata([1, 1], starts, tables, block_size=BS)
+    q = torch.randn(2, H, D, dtype=torch.bfloat16)
+    k = torch.randn(2, HKV, D, dtype=torch.bfloat16)
+    v = torch.randn(2, HKV, D, dtype=torch.bfloat16)
+    set_context(md)
+    try:
+        with torch.inference_mode():
+            out = attn(q, k, v)
+    finally:
+        set_context(None)
+    ref = _reference(attn, q, tables, [s + 1 for s in starts])
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_auto_dtype(tmp_path, monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
+    monkeypatch.setattr(model_runner, "cpu_has_native_bf16", lambda: True)
+    assert model_runner.resolve_dtype("auto", cpu, str(tmp_path))[0] == "float32"
+    assert model_runner.resolve_dtype("auto", cuda, str(tmp_path))[0] == "bfloat16"
+    assert model_runner.resolve_dtype("float16", cpu, str(tmp_path)) == ("float16", "asked for")
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    assert model_runner.resolve_dtype("auto", cpu, str(tmp_path))[0] == "bfloat16"
+    monkeypatch.setattr(model_runner, "cpu_has_native_bf16", lambda: False)
+    dtype, why = model_runner.resolve_dtype("auto", cpu, str(tmp_path))
+    assert dtype == "float32" and "no native bf16" in why
