@@ -25,6 +25,17 @@ def default_model() -> str:
     return str(path)
 
 
+DEMO_MODEL_NAME = "zomni-demo"
+
+
+def served_name(model: str) -> str:
+    """The model's name in the API: its path, or a short name for the bundled demo model."""
+    import zomni
+
+    demo = Path(zomni.__file__).parent / "demo_model"
+    return DEMO_MODEL_NAME if Path(model).resolve() == demo.resolve() else model
+
+
 def make_config(model: str | None, **kwargs) -> EngineConfig:
     """An EngineConfig from keyword arguments (vLLM names) and `ZOMNI_*` variables."""
     return EngineConfig.from_env(model=model or default_model(), **kwargs)

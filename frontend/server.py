@@ -36,7 +36,7 @@ from zomni.proto.client import AsyncEngineClient
 from zomni.proto.config import from_env
 
 from . import openai_protocol as oai
-from .launch import EngineProcess
+from .launch import EngineProcess, served_name
 from .metrics import Metrics
 from .serving import OpenAIServing, error_response, json_response
 from .tokenizer import apply_chat_template, load_tokenizer
@@ -111,7 +111,7 @@ class EngineLink:
         except Exception as e:  # noqa: BLE001 - any failure here means we cannot serve
             self._die(f"could not connect: {e}")
             return
-        name = self.config.served_model_name or info.model
+        name = self.config.served_model_name or served_name(info.model)
         self.serving = OpenAIServing(self.client, tokenizer, info, [name], Metrics(name),
                                      self.config.max_inflight_requests)
         logger.info("engine ready: %s (%s, max_model_len %d, %d KV blocks); serving it as %r",
