@@ -35,148 +35,20 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import ast
-import json
 import math
 import os
-import platform
 import random
 import sys
-import sysconfig
-import textwrap
 import time
-import tokenize
+from dataclasses import dataclass
 from pathlib import Path
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-EOT, IM_START, IM_END = SPECIAL_TOKENS
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-PRETOKENIZE_REGEX = (
-    r"'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\n+|[^\S\n]+(?!\S)|[^\S\n]+"
-)
+from demo_model_data import EOT, IM_END, Data, build_tokenizer, encode_data, log, split_corpus
+from demo_model_report import RunStats, sample_saved, save, write_training_md
+
 SAMPLE_PROMPT = "def fibonacci(n):\n"
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "zomni" / "demo_model"
-
-# Directories (any path component) that are not library source.
-EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
-                 "lib2to3_tests"}
-# Generated data files: huge literal tables that teach nothing about Python.
-EXCLUDED_FILES = {"pydoc_data/topics.py"}
-GENERATED_MARKERS = ("generated from 'MAPPINGS/", "Python Character Mapping Codec generated")
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-# --------------------------------------------------------------------------------------------
-# corpus
-
-
-def stdlib_files() -> tuple[Path, list[tuple[str, str]]]:
-    """(stdlib root, sorted [(relative path, text)]) of the stdlib's library sources."""
-    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
-    out = []
-    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
-        rel = path.relative_to(root)
-        parts = rel.parts[:-1]
-        if any(p in EXCLUDED_DIRS or p.startswith("test") for p in parts):
-            continue
-        if rel.as_posix() in EXCLUDED_FILES or rel.name.startswith("test_"):
-            continue
-        try:
-            with tokenize.open(path) as f:  # honours PEP 263 coding cookies
-                text = f.read()
-        except (OSError, SyntaxError, UnicodeDecodeError):
-            continue
-        head = text[:2000]
-        if any(m in head for m in GENERATED_MARKERS):
-            continue
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-        if text.strip():
-            out.append((rel.as_posix(), text))
-    return root, out
-
-
-def chat_examples(text: str, max_chars: int = 1500) -> list[str]:
-    """ChatML exchanges built from the documented top-level functions of one source file."""
-    try:
-        tree = ast.parse(text)
-    except SyntaxError:
-        return []
-    lines = text.splitlines(keepends=True)
-    out = []
-    for node in tree.body:
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            continue
-        if node.name.startswith("_"):
-            continue
-        doc = ast.get_docstring(node)
-        if not doc:
-            continue
-        summary = doc.strip().split("\n\n")[0].replace("\n", " ").strip()
-        start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
-        src = textwrap.dedent("".join(lines[start:node.end_lineno])).rstrip() + "\n"
-        if len(src) > max_chars or len(summary) > 300:
-            continue
-        args = ast.unparse(node.args)
-        request = f"Write a Python function `{node.name}({args})`: {summary}"
-        # The answer is fenced, as chat models write code; it also keeps a bare "def f(x):\n"
-        # prompt (no chat markup) from looking like the start of a chat answer, which would
-        # teach completions to stop with <|im_end|> after a line or two.
-        answer = f"```python\n{src}```"
-        out.append(f"{IM_START}user\n{request}{IM_END}\n{IM_START}assistant\n{answer}{IM_END}\n")
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# tokenizer
-
-
-def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    # Byte-level BPE (every byte sequence round-trips exactly) behind a GPT-2-like split in
-    # which newlines are always pieces of their own: "):\n    return" -> "):", "\n", "   ",
-    # " return". With GPT-2's own split the newline would merge with the indentation after it,
-    # so a prompt ending in "\n" (like "def fibonacci(n):\n") would end on a token the model
-    # only ever saw before unindented lines.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    return tok
-
-
-def wrap_tokenizer(tok):
-    from transformers import PreTrainedTokenizerFast
-
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=IM_END,
-        pad_token=EOT,
-        bos_token=None,
-        unk_token=None,
-        clean_up_tokenization_spaces=False,  # decode(encode(src)) == src, byte for byte
-        model_max_length=1024,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,15 +82,6 @@ def build_model(args, vocab_size: int, ids: dict[str, int]):
     model = Qwen3ForCausalLM(config)
     model.tie_weights()
     return model
-
-
-def windows(stream, seq_len: int):
-    """Non-overlapping (seq_len + 1)-token windows of a 1-D tensor (the tail is dropped)."""
-    n = (len(stream) - 1) // seq_len
-    idx = stream[: n * seq_len + 1]
-    x = idx[:-1].view(n, seq_len)
-    y = idx[1:].view(n, seq_len)
-    return x, y
 
 
 def evaluate(model, x, y, batch_size: int) -> float:
@@ -256,7 +119,25 @@ def lr_at(step: int, args) -> float:
     return floor + 0.5 * (args.lr - floor) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def main(argv=None) -> int:
+@dataclass
+class TrainResult:
+    history: list[tuple[int, float, float]]  # (step, smoothed train loss, val loss)
+    steps_done: int
+    stopped_early: bool
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    val_loss: float
+    uni_loss: float
+    n_targets: int
+    bpb: float
+    uni_bpb: float
+    seconds: float
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
@@ -287,11 +168,15 @@ def main(argv=None) -> int:
                     help="safety stop in seconds for the training loop; a run cut short by it "
                          "is reported as such (and is not the deterministic run)")
     ap.add_argument("--no-chat", action="store_true", help="skip the ChatML examples")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    t_start = time.perf_counter()
-    cpu_start = time.process_time()
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+def load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def setup_runtime(args) -> None:
+    """Thread and determinism settings; must run before torch is first imported."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
     # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads
@@ -299,90 +184,44 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     import torch
-    import torch.nn.functional as F
 
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # 1. corpus --------------------------------------------------------------------------
-    root, files = stdlib_files()
-    train_files = [(p, t) for i, (p, t) in enumerate(files) if i % args.val_every != 0]
-    val_files = [(p, t) for i, (p, t) in enumerate(files) if i % args.val_every == 0]
-    train_bytes = sum(len(t.encode()) for _, t in train_files)
-    val_bytes = sum(len(t.encode()) for _, t in val_files)
-    log(f"corpus: {root} (Python {platform.python_version()}): {len(files)} files, "
-        f"train {len(train_files)} files / {train_bytes / 1e6:.2f} MB, "
-        f"val {len(val_files)} files / {val_bytes / 1e6:.2f} MB")
 
-    # 2. tokenizer -------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    tok = train_tokenizer([t for _, t in train_files], args.vocab_size)
-    fast = wrap_tokenizer(tok)
-    ids = {s: tok.token_to_id(s) for s in SPECIAL_TOKENS}
-    vocab_size = tok.get_vocab_size()
-    t_tok = time.perf_counter() - t0
-    log(f"tokenizer: vocab {vocab_size}, specials {ids}, trained in {t_tok:.1f}s")
-
-    # 3. data ------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    docs = [t for _, t in train_files]
-    chats = []
-    if not args.no_chat:
-        for _, t in train_files:
-            chats.extend(chat_examples(t))
-    rng = random.Random(args.seed)
-    all_docs = docs + chats
-    rng.shuffle(all_docs)
-    enc = tok.encode_batch(all_docs, add_special_tokens=False)
-    train_list: list[int] = []
-    for e in enc:
-        train_list.extend(e.ids)
-        train_list.append(ids[EOT])
-    train_ids = torch.tensor(train_list, dtype=torch.long)
-    val_list: list[int] = []
-    for e in tok.encode_batch([t for _, t in val_files], add_special_tokens=False):
-        val_list.extend(e.ids)
-        val_list.append(ids[EOT])
-    val_ids = torch.tensor(val_list, dtype=torch.long)
-    xtr, ytr = windows(train_ids, args.seq_len)
-    xva, yva = windows(val_ids, args.seq_len)
-    chat_tokens = sum(len(e.ids) + 1 for e, d in zip(enc, all_docs) if d.startswith(IM_START))
-    code_tokens = max(1, len(train_ids) - chat_tokens)
-    log(f"data: {len(train_ids):,} train tokens "
-        f"({train_bytes / code_tokens:.2f} bytes/token on code; "
-        f"{len(chats)} chat examples = {chat_tokens:,} tokens), "
-        f"{len(val_ids):,} val tokens; {len(xtr)} train / {len(xva)} val windows of "
-        f"{args.seq_len}; encoded in {time.perf_counter() - t0:.1f}s")
-    # bytes covered by the validation targets, for bits per byte
-    val_target_bytes = len(tok.decode(yva.reshape(-1).tolist(), skip_special_tokens=True)
-                           .encode())
-
-    # 4. model ----------------------------------------------------------------------------
-    model = build_model(args, vocab_size, ids)
+def param_counts(model) -> tuple[int, int]:
+    """(all parameters, embedding parameters); the LM head is tied to the embedding."""
     n_params = sum(p.numel() for p in model.parameters())
-    n_embed = model.get_input_embeddings().weight.numel()
-    log(f"model: Qwen3 hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
-        f"({args.kv_heads} kv), ffn {args.intermediate}: {n_params:,} params "
-        f"({n_params - n_embed:,} non-embedding), tied embeddings")
+    return n_params, model.get_input_embeddings().weight.numel()
+
+
+def make_optimizer(model, args):
+    """AdamW; weight decay on matrices only (not on norms)."""
+    import torch
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
     )
+
+
+def train(model, opt, args, data: Data) -> TrainResult:
+    """args.steps optimizer steps over a seeded permutation of the windows, redrawn per epoch."""
+    import torch
+    import torch.nn.functional as F
+
+    xtr, ytr, xva, yva = data.xtr, data.ytr, data.xva, data.yva
     gen = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(xtr), generator=gen)
     pos = 0
-    epochs = 1
     tokens_per_step = args.batch_size * args.seq_len
     log(f"training: {args.steps} steps x {tokens_per_step} tokens = "
-        f"{args.steps * tokens_per_step / len(train_ids):.2f} epochs")
-
-    # 5. train ----------------------------------------------------------------------------
+        f"{args.steps * tokens_per_step / len(data.train_ids):.2f} epochs")
     model.train()
     t_train0 = time.perf_counter()
     history = []
@@ -393,7 +232,6 @@ def main(argv=None) -> int:
         if pos + args.batch_size > len(order):
             order = torch.randperm(len(xtr), generator=gen)
             pos = 0
-            epochs += 1
         b = order[pos:pos + args.batch_size]
         pos += args.batch_size
         for g in opt.param_groups:
@@ -422,143 +260,64 @@ def main(argv=None) -> int:
                 "stopping early (this run is not the deterministic full run)")
             stopped_early = True
             break
-    steps_done = step + 1
-    t_train = time.perf_counter() - t_train0
+    return TrainResult(history, step + 1, stopped_early, time.perf_counter() - t_train0)
 
-    # 6. evaluate ------------------------------------------------------------------------
+
+def final_evaluation(model, args, data: Data, vocab_size: int) -> EvalResult:
+    """Loss and bits per byte on all validation windows, for the model and a unigram baseline."""
     t0 = time.perf_counter()
-    val_loss = evaluate(model, xva, yva, args.batch_size)
-    uni_loss = unigram_loss(train_ids, yva, vocab_size)
-    n_targets = yva.numel()
-    bpb = val_loss * n_targets / math.log(2) / val_target_bytes
-    uni_bpb = uni_loss * n_targets / math.log(2) / val_target_bytes
-    t_eval = time.perf_counter() - t0
+    val_loss = evaluate(model, data.xva, data.yva, args.batch_size)
+    uni_loss = unigram_loss(data.train_ids, data.yva, vocab_size)
+    n_targets = data.yva.numel()
+    bpb = val_loss * n_targets / math.log(2) / data.val_target_bytes
+    uni_bpb = uni_loss * n_targets / math.log(2) / data.val_target_bytes
+    r = EvalResult(val_loss, uni_loss, n_targets, bpb, uni_bpb, time.perf_counter() - t0)
     log(f"final: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f}, {bpb:.3f} bits/byte)  "
         f"unigram {uni_loss:.4f} (ppl {math.exp(uni_loss):.2f}, {uni_bpb:.3f} bits/byte)  "
-        f"on {n_targets:,} val tokens; eval {t_eval:.1f}s")
+        f"on {n_targets:,} val tokens; eval {r.seconds:.1f}s")
+    return r
 
-    # 7. save ------------------------------------------------------------------------------
+
+def generation_config(ids: dict[str, int]) -> dict:
+    return {"bos_token_id": None, "eos_token_id": [ids[IM_END], ids[EOT]],
+            "pad_token_id": ids[EOT], "do_sample": False}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    cpu_start = time.process_time()
+    load_start = load_average()
+    setup_runtime(args)
+
+    corpus = split_corpus(args.val_every)  # 1. corpus
+    tt = build_tokenizer(corpus, args.vocab_size)  # 2. tokenizer
+    data = encode_data(args, corpus, tt)  # 3. data
+    model = build_model(args, tt.vocab_size, tt.ids)  # 4. model
+    n_params, n_embed = param_counts(model)
+    log(f"model: Qwen3 hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
+        f"({args.kv_heads} kv), ffn {args.intermediate}: {n_params:,} params "
+        f"({n_params - n_embed:,} non-embedding), tied embeddings")
+    opt = make_optimizer(model, args)
+    trained = train(model, opt, args, data)  # 5. train
+    evald = final_evaluation(model, args, data, tt.vocab_size)  # 6. evaluate
+
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("model.safetensors", "pytorch_model.bin", "tokenizer.json",
-                  "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                  "config.json", "generation_config.json"):
-        (out / stale).unlink(missing_ok=True)
-    model.save_pretrained(out)
-    fast.save_pretrained(out)
-    # tokenizer_class: the generic name, loadable by transformers 4.x as well as 5.x; the chat
-    # template also goes inline for loaders that only read tokenizer_config.json.
-    tc_path = out / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text())
-    tc["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tc["chat_template"] = CHAT_TEMPLATE
-    tc_path.write_text(json.dumps(tc, indent=2) + "\n")
-    gen_cfg = {"bos_token_id": None, "eos_token_id": [ids[IM_END], ids[EOT]],
-               "pad_token_id": ids[EOT], "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
-
-    # 8. check the saved files load and generate --------------------------------------------
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ltok = AutoTokenizer.from_pretrained(out)
-    prompt = ltok(SAMPLE_PROMPT, return_tensors="pt")
-    with torch.no_grad():
-        seq = loaded.generate(**prompt, max_new_tokens=80, do_sample=False)
-    sample = ltok.decode(seq[0], skip_special_tokens=False)
-    chat_prompt = ltok.apply_chat_template(
-        [{"role": "user", "content": "Write a Python function `is_even(n)`: "
-                                     "Return True if n is even."}],
-        add_generation_prompt=True, tokenize=False)
-    with torch.no_grad():
-        cseq = loaded.generate(**ltok(chat_prompt, return_tensors="pt", add_special_tokens=False),
-                               max_new_tokens=80, do_sample=False)
-    chat_sample = ltok.decode(cseq[0], skip_special_tokens=False)
-    log("sample:\n" + sample)
-    log("chat sample:\n" + chat_sample)
-
+    save(out, model, tt.fast, generation_config(tt.ids))  # 7. save
+    sample, chat_sample = sample_saved(out, SAMPLE_PROMPT)  # 8. check the files load and generate
     for f in out.iterdir():
         if f.is_file():
             f.chmod(0o644)
-    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    t_total = time.perf_counter() - t_start
-    cpu_total = time.process_time() - cpu_start
-    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    log(f"saved to {out}: {size / 1e6:.2f} MB; training {t_train:.0f}s, total {t_total:.0f}s "
-        f"(CPU time {cpu_total:.0f}s; 1-min load average {load_start:.1f} at start, "
-        f"{load_end:.1f} at end)")
-
-    # 9. TRAINING.md ------------------------------------------------------------------------
-    hist = "\n".join(f"| {s} | {tl:.3f} | {vl:.3f} |" for s, tl, vl in history)
-    note = f"""# zomni demo model
-
-A {n_params / 1e6:.1f}M-parameter Qwen3-architecture causal LM trained from scratch on the Python
-standard library's own sources by `scripts/train_demo_model.py` (seed {args.seed}). It is what
-`zomni serve` loads when no `--model` is given. It writes Python-looking code; it knows nothing
-else and should not be trusted with anything.
-
-## Recipe
-
-- Corpus: `.py` files under `{root}` (Python {platform.python_version()}), sorted by path;
-  tests, site-packages and generated tables excluded: {len(files)} files. Every
-  {args.val_every}th file is held out: train {len(train_files)} files ({train_bytes / 1e6:.2f} MB),
-  validation {len(val_files)} files ({val_bytes / 1e6:.2f} MB). Another Python version has another
-  stdlib, so rerunning the script there gives a (slightly) different model.
-- Tokenizer: byte-level BPE (tokenizers), vocab {vocab_size}, trained on the training files only;
-  special tokens `<|endoftext|>` ({ids[EOT]}, document separator and pad), `<|im_start|>`
-  ({ids[IM_START]}), `<|im_end|>` ({ids[IM_END]}, eos); ChatML chat template.
-- Data: {len(train_ids):,} training tokens: the training files plus {len(chats)} ChatML exchanges
-  (documented top-level functions: the user asks for the signature + docstring summary, the
-  assistant answers with the source in a python code fence) = {chat_tokens:,} tokens.
-  Validation: {n_targets:,} target tokens of plain held-out source.
-- Model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} KV heads,
-  head dim {args.hidden // args.heads}), SwiGLU {args.intermediate}, tied embeddings,
-  max positions {args.max_positions}; {n_params:,} parameters ({n_params - n_embed:,}
-  non-embedding), fp32.
-- Training: {steps_done} steps{" (STOPPED EARLY by the time budget)" if stopped_early else ""}
-  of {args.batch_size} x {args.seq_len} tokens ({steps_done * tokens_per_step / len(train_ids):.2f}
-  epochs), AdamW (lr {args.lr}, betas 0.9/0.95, weight decay {args.weight_decay}), {args.warmup}
-  warmup steps then cosine to {args.min_lr_ratio} x lr, gradient clip {args.grad_clip}, fp32,
-  {args.threads} torch threads.
-
-## Results
-
-| | validation loss (nats/token) | perplexity | bits/byte |
-| --- | --- | --- | --- |
-| unigram baseline (add-one smoothed) | {uni_loss:.3f} | {math.exp(uni_loss):.1f} | {uni_bpb:.3f} |
-| this model | {val_loss:.3f} | {math.exp(val_loss):.2f} | {bpb:.3f} |
-
-Periodic evaluation (train = smoothed training loss, val = first {min(args.eval_windows, len(xva))}
-validation windows):
-
-| step | train | val |
-| --- | --- | --- |
-{hist}
-
-Time: {t_total / 60:.1f} min for the whole script (tokenizer {t_tok:.0f} s, training {t_train:.0f} s
-= {steps_done * tokens_per_step / t_train:,.0f} tokens/s, final evaluation {t_eval:.0f} s) on
-{platform.machine()} with {args.threads} torch threads, torch {torch.__version__}.
-The process used {cpu_total / 60:.1f} CPU-minutes; the 1-minute load average was
-{load_start:.1f} at the start and {load_end:.1f} at the end (above {args.threads} means other work
-shared the cores and the wall times above are inflated).
-
-Size: {size / 1e6:.2f} MB in all.
-
-## Sample
-
-Greedy continuation of `"def fibonacci(n):\\n"` (80 new tokens, transformers `generate`):
-
-```python
-{sample}
-```
-
-Chat (greedy, 80 new tokens):
-
-````
-{chat_sample}
-````
-"""
-    (out / "TRAINING.md").write_text(note)
+    stats = RunStats(
+        size=sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
+        t_total=time.perf_counter() - t_start, cpu_total=time.process_time() - cpu_start,
+        load_start=load_start, load_end=load_average())
+    log(f"saved to {out}: {stats.size / 1e6:.2f} MB; training {trained.seconds:.0f}s, "
+        f"total {stats.t_total:.0f}s (CPU time {stats.cpu_total:.0f}s; 1-min load average "
+        f"{load_start:.1f} at start, {stats.load_end:.1f} at end)")
+    # 9. TRAINING.md
+    write_training_md(out, args, corpus, tt, data, (n_params, n_embed), trained, evald, stats,
+                      sample, chat_sample)
     return 0
 
 
