@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zomni.workers import cpu_gemm
 from zomni.workers.parallel_state import (
     all_gather,
     all_reduce,
@@ -64,8 +65,19 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits over the full vocabulary; callers pass only the rows that sample."""
 
+    def __init__(self, num_embeddings: int, embedding_dim: int,
+                 tp_rank: int | None = None, tp_size: int | None = None):
+        super().__init__(num_embeddings, embedding_dim, tp_rank, tp_size)
+        self.packed: torch.Tensor | None = None
+
+    def pack(self, batch_hint: int) -> None:
+        """Add a oneDNN-packed copy of the weight (CPU only; see cpu_gemm). The dense weight
+        stays: it may be the embedding's too."""
+        if cpu_gemm.can_pack(self.weight):
+            self.packed = cpu_gemm.pack(self.weight, batch_hint)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight)
+        logits = cpu_gemm.linear(hidden_states, self.weight, None, self.packed)
         if self.tp_size > 1:
             logits = all_gather(logits, dim=-1)
         return logits[..., : self.num_embeddings]

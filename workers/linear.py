@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from zomni.workers import cpu_gemm
 from zomni.workers.parallel_state import (
     all_reduce,
     full_shape,
@@ -64,12 +64,19 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed: torch.Tensor | None = None
+
+    def pack(self, batch_hint: int) -> None:
+        """Swap the weight for its oneDNN-packed copy (CPU only; see cpu_gemm)."""
+        if cpu_gemm.can_pack(self.weight):
+            self.packed = cpu_gemm.pack(self.weight, batch_hint)
+            self.weight.data = self.weight.data.new_empty(0)  # the packed copy replaces it
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return cpu_gemm.linear(x, self.weight, self.bias, self.packed)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -164,4 +171,4 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        return all_reduce(F.linear(x, self.weight, bias))
+        return all_reduce(cpu_gemm.linear(x, self.weight, bias, self.packed))
