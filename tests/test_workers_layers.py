@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from zomni.workers import cpu_gemm
 from zomni.workers.context import build_attention_metadata
 from zomni.workers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from zomni.workers.linear import (
@@ -16,7 +17,7 @@ from zomni.workers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from zomni.workers.rotary_embedding import RotaryEmbedding
+from zomni.workers.rotary_embedding import RotaryEmbedding, apply_rotary
 
 
 def _full(*shape: int) -> torch.Tensor:
@@ -108,6 +109,40 @@ def test_rope_matches_transformers_llama3_scaling():
     ref_cos, ref_sin = LlamaRotaryEmbedding(config)(torch.zeros(1), positions[None])
     torch.testing.assert_close(cos, ref_cos[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(sin, ref_sin[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu_gemm.can_pack(torch.empty(1, 1)), reason="no oneDNN in this torch")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_matches_dense(dtype):
+    torch.manual_seed(0)
+    layer = ColumnParallelLinear(64, 96, bias=True, tp_rank=0, tp_size=1).to(dtype)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    head = ParallelLMHead(100, 64, tp_rank=0, tp_size=1).to(dtype)
+    head.weight.data.normal_()
+    x = torch.randn(37, 64, dtype=dtype)
+    want = x.double() @ layer.weight.double().T + layer.bias.double()
+    want_head = (x.double() @ head.weight.double().T)[:, :100]
+    layer.pack(batch_hint=16)
+    head.pack(batch_hint=16)
+    assert layer.packed is not None and layer.weight.numel() == 0  # the packed copy replaces it
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.5)
+    torch.testing.assert_close(layer(x).double(), want, **tol)
+    torch.testing.assert_close(head(x).double(), want_head, **tol)
+    assert layer(x[:0]).shape == (0, 96)
+
+
+def test_apply_rotary_matches_rotate_half():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16)
+    rope = RotaryEmbedding(config, 16)
+    positions = torch.tensor([0, 3, 17])
+    x = torch.randn(3, 5, 16)
+    cos, sin = rope(positions, torch.float32)
+    rotated = torch.cat((-x[..., 8:], x[..., :8]), dim=-1)  # HF rotate_half
+    want = x * cos[:, None] + rotated * sin[:, None]
+    torch.testing.assert_close(apply_rotary(x, *rope.tables(positions, torch.float32)), want)
 
 
 def test_attention_metadata_layout():

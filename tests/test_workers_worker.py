@@ -160,3 +160,19 @@ def test_tensor_parallel_2_ranks_match_transformers(model_dirs, tmp_path):
         assert e.wait() == 0
     finally:
         e.close()
+
+
+def test_worker_env_keeps_user_settings(monkeypatch):
+    from zomni.core.executor import worker_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    env = worker_env()
+    assert env["GOMP_SPINCOUNT"] == "10000"
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+    env = worker_env()
+    assert "GOMP_SPINCOUNT" not in env and env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"

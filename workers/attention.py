@@ -58,7 +58,7 @@ class Attention(nn.Module):
             padded = q.new_zeros(g.batch_size * g.max_q, self.num_heads, self.head_dim)
             padded[g.pad_index] = q
             q = padded
-        q = q.view(g.batch_size, g.max_q, self.num_heads, self.head_dim).transpose(1, 2)
+        q = q.reshape(g.batch_size, g.max_q, self.num_heads, self.head_dim).transpose(1, 2)
         k = self._gather(self.k_cache, g)
         v = self._gather(self.v_cache, g)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask(self.sliding_window),
