@@ -1,22 +1,23 @@
-"""Paged attention: the head-major KV cache layout, the CPU decode matmul path against
-SDPA, and the choice of dtype for `dtype="auto"`."""
+"""Paged attention: the head-major KV cache layout, the CPU decode paths (native kernel and
+gather + matmuls) against SDPA, and the choice of dtype for `dtype="auto"`."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from zomni.workers import model_runner
+from zomni.workers import model_runner, native
 from zomni.workers.attention import Attention
 from zomni.workers.context import build_attention_metadata, set_context
 
 H, HKV, D, BS, BLOCKS = 4, 2, 8, 4, 16
 
 
-def _attention_with_cache(dtype: torch.dtype) -> Attention:
-    attn = Attention(H, HKV, D, D**-0.5)
+def _attention_with_cache(dtype: torch.dtype, window: int | None = None) -> Attention:
+    attn = Attention(H, HKV, D, D**-0.5, sliding_window=window)
     cache = torch.randn(2, BLOCKS, HKV, BS, D, dtype=dtype)
     attn.k_cache, attn.v_cache = cache[0], cache[1]
     return attn
@@ -26,15 +27,26 @@ def _reference(attn: Attention, q, tables, kv_lens):
     """Per request, K/V read by hand from the head-major blocks, then plain SDPA."""
     out = []
     for i, (blocks, n) in enumerate(zip(tables, kv_lens)):
-        k = torch.cat([attn.k_cache[b] for b in blocks], dim=1)[:, :n]  # [Hkv, n, D]
-        v = torch.cat([attn.v_cache[b] for b in blocks], dim=1)[:, :n]
+        first = max(0, n - attn.sliding_window) if attn.sliding_window else 0
+        k = torch.cat([attn.k_cache[b] for b in blocks], dim=1)[:, first:n]  # [Hkv, n, D]
+        v = torch.cat([attn.v_cache[b] for b in blocks], dim=1)[:, first:n]
         o = F.scaled_dot_product_attention(q[i, :, None].float(), k.float(), v.float(),
                                            scale=attn.scale, enable_gqa=True)
         out.append(o[:, 0])
     return torch.stack(out)
 
 
-def test_decode_writes_head_major_slots_and_matches_reference():
+@pytest.fixture(params=["native", "gather"])
+def decode_path(request, monkeypatch):
+    """Runs a test with the native decode kernel, then with the torch gather path."""
+    if request.param == "native" and not native.has_paged_decode():
+        pytest.skip("no C compiler: the native kernel is not built")
+    if request.param == "gather":
+        monkeypatch.setattr(native, "has_paged_decode", lambda *shape: False)
+    return request.param
+
+
+def test_decode_writes_head_major_slots_and_matches_reference(decode_path):
     torch.manual_seed(0)
     attn = _attention_with_cache(torch.float32)
     tables, starts = [[3, 7], [9], [5, 1, 2]], [5, 2, 9]
@@ -57,6 +69,22 @@ def test_decode_writes_head_major_slots_and_matches_reference():
     ref = _reference(attn, q, tables, [s + 1 for s in starts])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sdpa_out, ref, rtol=1e-5, atol=1e-5)  # the gather
+
+
+def test_sliding_window_decode_matches_reference(decode_path):
+    torch.manual_seed(2)
+    attn = _attention_with_cache(torch.float32, window=3)
+    tables, starts = [[3, 7], [9, 4, 2], [6]], [6, 10, 1]
+    md = build_attention_metadata([1, 1, 1], starts, tables, block_size=BS)
+    q, k, v = torch.randn(3, H, D), torch.randn(3, HKV, D), torch.randn(3, HKV, D)
+    set_context(md)
+    try:
+        with torch.inference_mode():
+            out = attn(q, k, v)
+    finally:
+        set_context(None)
+    ref = _reference(attn, q, tables, [s + 1 for s in starts])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_decode_uses_matmul_path_close_to_fp32():

@@ -37,6 +37,7 @@ class AttentionGroup:
     block_tables: torch.Tensor  # [B, max_blocks], padded with block 0
     q_positions: torch.Tensor  # [B, max_q], padding repeats the request's last position
     kv_positions: torch.Tensor  # [max_blocks * block_size]
+    kv_lens: torch.Tensor  # [B] KV length of each request, this step's tokens included
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     _gather_rows: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -140,6 +141,7 @@ def _build_group(idx: np.ndarray, q_lens: np.ndarray, starts: np.ndarray, cu: np
         block_tables=tensor(table[idx, :num_blocks]),
         q_positions=tensor(q_pos),
         kv_positions=torch.arange(num_blocks * block_size, device=device),
+        kv_lens=tensor(starts[idx] + ql),
     )
 
 

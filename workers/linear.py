@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from zomni.workers import cpu_gemm
@@ -102,6 +103,33 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
                  tp_rank: int | None = None, tp_size: int | None = None):
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size)
+        self.packed_parts: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def pack(self, batch_hint: int) -> None:
+        """Gate and up packed apart (see `silu_and_mul`)."""
+        if len(self.output_sizes) != 2 or not cpu_gemm.can_pack(self.weight):
+            return super().pack(batch_hint)
+        half = self.weight.shape[0] // 2
+        self.packed_parts = (cpu_gemm.pack(self.weight[:half], batch_hint),
+                             cpu_gemm.pack(self.weight[half:], batch_hint))
+        self.weight.data = self.weight.data.new_empty(0)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up for a [gate | up] layer; packed, each product is fused into its
+        matmul."""
+        if self.packed_parts is None:
+            gate, up = self(x).chunk(2, dim=-1)
+            return F.silu(gate).mul_(up)
+        gate_bias, up_bias = (None, None) if self.bias is None else self.bias.chunk(2)
+        gate = cpu_gemm.linear(x, self.weight, gate_bias, self.packed_parts[0], "silu")
+        return cpu_gemm.linear(x, self.weight, up_bias, self.packed_parts[1], "mul", gate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_parts is None:
+            return super().forward(x)
+        biases = (None, None) if self.bias is None else self.bias.chunk(2)
+        return torch.cat([cpu_gemm.linear(x, self.weight, b, p)
+                          for b, p in zip(biases, self.packed_parts)], dim=-1)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         sizes = [_divide(s, self.tp_size, "output size") for s in self.output_sizes]
@@ -169,6 +197,10 @@ class RowParallelLinear(LinearBase):
         _check_full(loaded, 1, cols * self.tp_size)
         _copy(param, shard(loaded, 1, self.tp_rank * cols, cols))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias if self.tp_rank == 0 else None
-        return all_reduce(cpu_gemm.linear(x, self.weight, bias, self.packed))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T + bias (+ residual, fused into the matmul's epilogue when packed)."""
+        if self.tp_rank != 0:  # partial sums: bias and residual come once, from rank 0
+            return all_reduce(cpu_gemm.linear(x, self.weight, None, self.packed))
+        epilogue = "none" if residual is None else "add"
+        return all_reduce(cpu_gemm.linear(x, self.weight, self.bias, self.packed, epilogue,
+                                           residual))

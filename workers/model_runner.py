@@ -33,6 +33,7 @@ from zomni.proto import (
     WorkerConfig,
 )
 from zomni.proto.model_info import read_model_info
+from zomni.workers import native
 from zomni.workers.context import AttentionMetadata, build_attention_metadata, set_context
 from zomni.workers.loader import load_model
 from zomni.workers.parallel_state import broadcast
@@ -130,6 +131,9 @@ class ModelRunner:
                                   or max(1, (cores or os.cpu_count() or 1) // world))
         self.dtype, why = resolve_dtype(engine.dtype, self.device, engine.model)
         logger.info("rank %d: dtype %s (%s)", self.rank, self.dtype, why)
+        if self.device.type == "cpu" and self.dtype == "float32":  # built now, not mid-step
+            logger.info("rank %d: native paged decode attention %s", self.rank,
+                        "on" if native.has_paged_decode() else "off")
         self.torch_dtype = _DTYPES[self.dtype]
 
         start = time.perf_counter()

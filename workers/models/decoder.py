@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from zomni.workers.attention import Attention
@@ -67,7 +66,9 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5,
                               sliding_window_of(config, layer_idx))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                residual: torch.Tensor) -> torch.Tensor:
+        """residual + attention(x)"""
         qkv = self.qkv_proj(x)
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         qk = qkv[:, : (heads + kv_heads) * dim].view(-1, heads + kv_heads, dim)
@@ -76,7 +77,7 @@ class DecoderAttention(nn.Module):
             qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
         qk = apply_rotary(qk, cos, sin)  # q and k heads in one pass
         o = self.attn(qk[:, :heads], qk[:, heads:], v)
-        return self.o_proj(o.flatten(1))
+        return self.o_proj(o.flatten(1), residual)
 
 
 class DecoderMLP(nn.Module):
@@ -89,9 +90,9 @@ class DecoderMLP(nn.Module):
                                                        bias=spec.mlp_bias)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=spec.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + MLP(x)"""
+        return self.down_proj(self.gate_up_proj.silu_and_mul(x), residual)
 
 
 class DecoderLayer(nn.Module):
@@ -103,8 +104,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.self_attn(self.input_layernorm(x), cos, sin, residual=x)
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 class DecoderModel(nn.Module):

@@ -1,0 +1,110 @@
+"""Native CPU kernels (`workers/csrc/*.c`), built on first use with the system C compiler.
+
+Plain C called through ctypes, no torch headers: a build takes well under a second and is
+cached per source, flags, compiler and CPU in $XDG_CACHE_HOME/zomni (default ~/.cache/zomni),
+since `-march=native` code only runs on the CPU it was built for. The kernels use OpenMP; the
+library links `libgomp.so.1`, which resolves to the copy torch already loaded, so they run on
+torch's thread team and its `torch.set_num_threads`. Without a compiler, or when a build
+fails, `load` returns None (the reason is logged once) and callers keep their torch path.
+ZOMNI_NATIVE=0 turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("zomni.worker")
+
+_SOURCES = Path(__file__).with_name("csrc")
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-fopenmp"]
+_I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "zomni"
+
+
+def _cpu_id() -> bytes:
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return b""
+    return "\n".join(sorted({x for x in info if x.startswith(("model name", "flags"))})).encode()
+
+
+@cache
+def load(name: str) -> ctypes.CDLL | None:
+    """The built library for csrc/<name>.c, or None when it cannot be had."""
+    if os.environ.get("ZOMNI_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.warning("no C compiler found: native CPU kernels are off (torch fallback)")
+        return None
+    source = _SOURCES / f"{name}.c"
+    key = hashlib.sha256(source.read_bytes() + " ".join(_FLAGS + [compiler]).encode()
+                         + _cpu_id()).hexdigest()[:16]
+    target = _cache_dir() / f"{name}-{key}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # ranks build at once
+                built = Path(tmp, target.name)
+                subprocess.run([compiler, *_FLAGS, str(source), "-o", str(built), "-lmvec", "-lm"],
+                               check=True, capture_output=True, text=True, timeout=120)
+                os.replace(built, target)
+        return ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or e
+        logger.warning("building native kernel %s failed, torch fallback: %s", name, detail)
+        return None
+
+
+@cache
+def _paged_decode():
+    lib = load("paged_attention")
+    if lib is None:
+        return None
+    fn = lib.zomni_paged_decode_f32
+    fn.argtypes = [_PTR] * 6 + [_I64] * 6 + [_F32, _I64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def has_paged_decode(num_heads: int = 1, num_kv_heads: int = 1, head_dim: int = 1) -> bool:
+    """Whether the kernel is built and takes this shape (GQA group <= 16, head_dim <= 256)."""
+    return (_paged_decode() is not None and num_heads // num_kv_heads <= 16
+            and head_dim <= 256)
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float,
+                 window: int | None) -> torch.Tensor:
+    """Decode attention from the paged cache (fp32, CPU; see csrc/paged_attention.c).
+
+    q [B, H, D]; caches [num_blocks, Hkv, block_size, D]; block_tables [B, max_blocks] and
+    kv_lens [B] int64 -> [B, H, D].
+    """
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    batch, heads, dim = q.shape
+    _, kv_heads, block_size, _ = k_cache.shape
+    status = _paged_decode()(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                             block_tables.data_ptr(), kv_lens.data_ptr(), out.data_ptr(),
+                             batch, heads, kv_heads, dim, block_size, block_tables.shape[1],
+                             scale, window or 0)
+    if status != 0:
+        raise ValueError(f"paged decode kernel: unsupported shape q {tuple(q.shape)}, "
+                         f"cache {tuple(k_cache.shape)}")
+    return out
