@@ -38,7 +38,11 @@ static inline __attribute__((always_inline)) void attend(
         const int64_t blk = t / block_size, stop = (blk + 1) * block_size < len
                                                        ? (blk + 1) * block_size : len;
         const float *k = k_cache + table[blk] * run + (kh * block_size + t % block_size) * D;
-        for (; t < stop; t++, k += D) {
+        /* the next run is elsewhere in memory: fetch it while this one computes */
+        const float *next = stop < len ? k_cache + table[blk + 1] * run + kh * block_size * D
+                                       : k;
+        for (; t < stop; t++, k += D, next += D) {
+            for (int64_t line = 0; line < D; line += 16) __builtin_prefetch(next + line);
             for (int64_t g = 0; g < group; g++) {
                 const float *qg = q + g * D;
                 float s = 0.0f;
@@ -69,7 +73,10 @@ static inline __attribute__((always_inline)) void attend(
         const int64_t blk = t / block_size, stop = (blk + 1) * block_size < len
                                                        ? (blk + 1) * block_size : len;
         const float *v = v_cache + table[blk] * run + (kh * block_size + t % block_size) * D;
-        for (; t < stop; t++, v += D) {
+        const float *next = stop < len ? v_cache + table[blk + 1] * run + kh * block_size * D
+                                       : v;
+        for (; t < stop; t++, v += D, next += D) {
+            for (int64_t line = 0; line < D; line += 16) __builtin_prefetch(next + line);
             for (int64_t g = 0; g < group; g++) {
                 const float p = scores[g * n + (t - start)];
                 float *ag = acc + g * D;
