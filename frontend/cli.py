@@ -136,7 +136,10 @@ def _serve(args: argparse.Namespace) -> int:
     frontend_cfg = _frontend_config(args, engine="")  # validated before anything starts
     process = EngineProcess(engine_cfg)
     try:
-        frontend_cfg = msgspec.structs.replace(frontend_cfg, engine=process.address)
+        # the tokenizer is known now: the frontend loads it while the engine starts
+        frontend_cfg = msgspec.structs.replace(
+            frontend_cfg, engine=process.address,
+            tokenizer=frontend_cfg.tokenizer or engine_cfg.model)
         _log_config("frontend", frontend_cfg)
         return server.run(frontend_cfg, process)
     finally:

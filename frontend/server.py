@@ -98,16 +98,18 @@ class EngineLink:
 
     async def run(self) -> None:
         """Connect and load the tokenizer, then watch the engine until it is gone."""
-        # Importing transformers takes seconds: do it while the engine loads its model.
-        importing = asyncio.create_task(asyncio.to_thread(importlib.import_module,
-                                                          "transformers"))
+        # Loading a tokenizer takes seconds (importing transformers most of it): do it while
+        # the engine loads its model, from the engine's model path once READY gives it.
+        early = self.config.tokenizer
+        loading = asyncio.create_task(asyncio.to_thread(
+            load_tokenizer if early else importlib.import_module, early or "transformers"))
         try:
             ready = await self.client.connect(self.config.engine_ready_timeout,
                                               client_name="http-frontend")
             info = ready.model
-            await importing
-            tokenizer = await asyncio.to_thread(load_tokenizer,
-                                                self.config.tokenizer or info.model)
+            tokenizer = await loading
+            if not early:
+                tokenizer = await asyncio.to_thread(load_tokenizer, info.model)
         except Exception as e:  # noqa: BLE001 - any failure here means we cannot serve
             self._die(f"could not connect: {e}")
             return
