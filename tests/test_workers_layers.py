@@ -132,6 +132,24 @@ def test_packed_linear_matches_dense(dtype):
     assert layer(x[:0]).shape == (0, 96)
 
 
+@pytest.mark.skipif(not cpu_gemm.can_pack(torch.empty(1, 1)), reason="no oneDNN in this torch")
+def test_packed_epilogues_match_unfused():
+    torch.manual_seed(0)
+    gate_up = MergedColumnParallelLinear(32, [48, 48], bias=True, tp_rank=0, tp_size=1)
+    down = RowParallelLinear(48, 32, bias=True, tp_rank=0, tp_size=1)
+    for p in (gate_up.weight, gate_up.bias, down.weight, down.bias):
+        p.data.normal_()
+    x, residual = torch.randn(5, 32), torch.randn(5, 32)
+    gate, up = torch.nn.functional.linear(x, gate_up.weight, gate_up.bias).chunk(2, dim=-1)
+    hidden = torch.nn.functional.silu(gate) * up
+    want = residual + torch.nn.functional.linear(hidden, down.weight, down.bias)
+    torch.testing.assert_close(down(gate_up.silu_and_mul(x), residual), want)  # unpacked
+    gate_up.pack(batch_hint=8)
+    down.pack(batch_hint=8)
+    torch.testing.assert_close(gate_up.silu_and_mul(x), hidden, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(down(hidden, residual), want, rtol=1e-4, atol=1e-4)
+
+
 def test_apply_rotary_matches_rotate_half():
     from transformers import LlamaConfig
 
