@@ -45,10 +45,18 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] for the flat batch -> [T, H, D]."""
-        ctx = get_context()
-        rows = ctx.write_rows(self.num_kv_heads)
+        rows = self.cache_rows()
         self.k_cache.view(-1, self.head_dim).index_copy_(0, rows, k.reshape(-1, self.head_dim))
         self.v_cache.view(-1, self.head_dim).index_copy_(0, rows, v.reshape(-1, self.head_dim))
+        return self.attend(q)
+
+    def cache_rows(self) -> torch.Tensor:
+        """[T * Hkv] rows of the cache viewed as [-1, head_dim] that this step's K/V go to."""
+        return get_context().write_rows(self.num_kv_heads)
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        """q [T, H, D] against the cache, which already holds this step's K/V -> [T, H, D]."""
+        ctx = get_context()
         if len(ctx.groups) == 1 and ctx.groups[0].query_rows is None:
             return self._attend(q, ctx.groups[0])
         out = torch.empty_like(q)

@@ -72,14 +72,73 @@ def load(name: str) -> ctypes.CDLL | None:
 
 
 @cache
-def _paged_decode():
-    lib = load("paged_attention")
+def _function(library: str, name: str, argtypes: tuple, restype=None):
+    """csrc/<library>.c's `name` with its ctypes signature, or None without the library."""
+    lib = load(library)
     if lib is None:
         return None
-    fn = lib.zomni_paged_decode_f32
-    fn.argtypes = [_PTR] * 6 + [_I64] * 6 + [_F32, _I64]
-    fn.restype = ctypes.c_int
+    fn = getattr(lib, name)
+    fn.argtypes, fn.restype = list(argtypes), restype
     return fn
+
+
+def _paged_decode():
+    return _function("paged_attention", "zomni_paged_decode_f32",
+                     (_PTR,) * 6 + (_I64,) * 6 + (_F32, _I64), ctypes.c_int)
+
+
+def _rms_norm():
+    return _function("layer_ops", "zomni_rms_norm_f32", (_PTR,) * 3 + (_I64,) * 3 + (_F32,))
+
+
+def _qkv_rope_cache():
+    return _function("layer_ops", "zomni_qkv_rope_cache_f32",
+                     (_PTR, _I64, _I64, _I64, _I64, _I64) + (_PTR,) * 4 + (_F32,) + (_PTR,) * 4,
+                     ctypes.c_int)
+
+
+def _fp32_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
+def has_layer_ops(x: torch.Tensor) -> bool:
+    """Whether `rms_norm` and `qkv_rope_cache` run for this activation (fp32 on the CPU)."""
+    return _fp32_cpu(x) and _rms_norm() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF RMSNorm over the last dim of x [..., dim]; a new contiguous tensor."""
+    dim = x.shape[-1]
+    rows = x.reshape(-1, dim)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=x.dtype)
+    _rms_norm()(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], dim,
+                rows.stride(0), eps)
+    return out.view(x.shape)
+
+
+def qkv_rope_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor,
+                   signed_sin: torch.Tensor, rows: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, q_norm: torch.Tensor | None = None,
+                   k_norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """From the fused projection's output qkv [T, (H + 2 Hkv) * D]: RoPE'd q [T, H, D]; RoPE'd
+    k and v are written into the caches at `rows` (see csrc/layer_ops.c). q_norm / k_norm:
+    per-head RMSNorm weights [D] applied before the rotation (Qwen3)."""
+    dim = cos.shape[-1]
+    out = torch.empty(qkv.shape[0], num_heads, dim, dtype=qkv.dtype)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    cos, signed_sin = cos.contiguous(), signed_sin.contiguous()
+    status = _qkv_rope_cache()(
+        qkv.data_ptr(), qkv.stride(0), qkv.shape[0], num_heads, num_kv_heads, dim,
+        cos.data_ptr(), signed_sin.data_ptr(),
+        None if q_norm is None else q_norm.data_ptr(),
+        None if k_norm is None else k_norm.data_ptr(), eps,
+        rows.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr())
+    if status != 0:
+        raise ValueError(f"qkv/RoPE kernel: unsupported head_dim {dim}")
+    return out
 
 
 def has_paged_decode(num_heads: int = 1, num_kv_heads: int = 1, head_dim: int = 1) -> bool:

@@ -29,7 +29,7 @@ extern float expf(float);
 static inline __attribute__((always_inline)) void attend(
     const float *restrict q, const float *restrict k_cache, const float *restrict v_cache,
     const int64_t *restrict table, int64_t start, int64_t len, int64_t kh, int64_t Hkv,
-    int64_t block_size, const int64_t D, int64_t group, float scale, float *restrict scores,
+    int64_t block_size, const int64_t D, const int64_t group, float scale, float *restrict scores,
     float *restrict out) {
     const int64_t n = len - start;
     const int64_t run = Hkv * block_size * D; /* from one block to the next, same head */
@@ -111,19 +111,17 @@ int zomni_paged_decode_f32(const float *q, const float *k_cache, const float *v_
                 const float *qh = q + (b * H + kh * group) * D;
                 float *oh = out + (b * H + kh * group) * D;
                 const int64_t *table = block_tables + b * max_blocks;
-                switch (D) { /* constant head dims unroll the inner loops */
-                case 64:
-                    attend(qh, k_cache, v_cache, table, start, len, kh, Hkv, block_size, 64,
-                           group, scale, scores, oh);
-                    break;
-                case 128:
-                    attend(qh, k_cache, v_cache, table, start, len, kh, Hkv, block_size, 128,
-                           group, scale, scores, oh);
-                    break;
-                default:
-                    attend(qh, k_cache, v_cache, table, start, len, kh, Hkv, block_size, D,
-                           group, scale, scores, oh);
-                }
+                /* constant shapes let the compiler keep q and the accumulators in registers */
+#define ATTEND(DIM, GROUP) attend(qh, k_cache, v_cache, table, start, len, kh, Hkv, \
+                                  block_size, DIM, GROUP, scale, scores, oh)
+                if (D == 64 && group == 1) ATTEND(64, 1);
+                else if (D == 64 && group == 2) ATTEND(64, 2);
+                else if (D == 64 && group == 4) ATTEND(64, 4);
+                else if (D == 128 && group == 1) ATTEND(128, 1);
+                else if (D == 128 && group == 2) ATTEND(128, 2);
+                else if (D == 128 && group == 4) ATTEND(128, 4);
+                else ATTEND(D, group);
+#undef ATTEND
             }
         }
         free(scores);

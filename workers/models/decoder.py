@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from zomni.workers import native
 from zomni.workers.attention import Attention
 from zomni.workers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from zomni.workers.layernorm import RMSNorm
@@ -71,6 +72,13 @@ class DecoderAttention(nn.Module):
         """residual + attention(x)"""
         qkv = self.qkv_proj(x)
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        if native.has_layer_ops(qkv):  # one pass: q/k norm, RoPE, K/V into the cache
+            attn = self.attn
+            norms = (self.q_norm.weight, self.k_norm.weight, self.k_norm.eps) \
+                if self.qk_norm else ()
+            q = native.qkv_rope_cache(qkv, heads, kv_heads, cos, sin, attn.cache_rows(),
+                                      attn.k_cache, attn.v_cache, *norms)
+            return self.o_proj(attn.attend(q).flatten(1), residual)
         qk = qkv[:, : (heads + kv_heads) * dim].view(-1, heads + kv_heads, dim)
         v = qkv[:, (heads + kv_heads) * dim:].view(-1, kv_heads, dim)
         if self.qk_norm:  # Qwen3 normalises each head before RoPE

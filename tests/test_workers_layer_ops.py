@@ -1,0 +1,94 @@
+"""Native per-layer ops (csrc/layer_ops.c) against the torch ops they replace: RMSNorm, and
+q/k norm + RoPE + the K/V cache write from the fused qkv projection; plus the native decode
+kernel at the head shapes it specialises for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zomni.workers import native
+from zomni.workers.attention import Attention
+from zomni.workers.context import build_attention_metadata, set_context
+from zomni.workers.layernorm import RMSNorm
+from zomni.workers.rotary_embedding import apply_rotary
+
+pytestmark = pytest.mark.skipif(not native.has_layer_ops(torch.empty(0)),
+                                reason="no C compiler: the native kernels are not built")
+
+
+def _torch_rms_norm(norm: RMSNorm, x: torch.Tensor, monkeypatch) -> torch.Tensor:
+    with monkeypatch.context() as m:
+        m.setattr(native, "has_layer_ops", lambda x: False)
+        return norm(x)
+
+
+@pytest.mark.parametrize("rows, dim", [(1, 8), (5, 64), (300, 512)])  # 300 x 512: threaded
+def test_rms_norm_matches_torch(rows, dim, monkeypatch):
+    torch.manual_seed(0)
+    norm = RMSNorm(dim, eps=1e-5)
+    norm.weight.data.normal_()
+    x = torch.randn(rows, dim) * 3
+    torch.testing.assert_close(norm(x), _torch_rms_norm(norm, x, monkeypatch),
+                               rtol=1e-5, atol=1e-5)
+    strided = torch.randn(rows, 2 * dim)[:, :dim]  # a slice of a wider row
+    torch.testing.assert_close(norm(strided), _torch_rms_norm(norm, strided, monkeypatch),
+                               rtol=1e-5, atol=1e-5)
+    heads = torch.randn(rows, 3, dim)  # per-head norm over the last dim
+    torch.testing.assert_close(norm(heads), _torch_rms_norm(norm, heads, monkeypatch),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("tokens, heads, kv_heads, dim", [(3, 4, 2, 8), (70, 8, 4, 64)])
+def test_qkv_rope_cache_matches_torch(qk_norm, tokens, heads, kv_heads, dim, monkeypatch):
+    torch.manual_seed(1)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+    angles = torch.rand(tokens, dim // 2) * 6
+    cos = torch.cat((angles.cos(), angles.cos()), -1)[:, None]
+    signed_sin = torch.cat((-angles.sin(), angles.sin()), -1)[:, None]
+    q_norm, k_norm = RMSNorm(dim, 1e-6), RMSNorm(dim, 1e-6)
+    q_norm.weight.data.normal_()
+    k_norm.weight.data.normal_()
+    cache_rows = 4 * tokens * kv_heads
+    rows = torch.randperm(cache_rows)[: tokens * kv_heads]
+
+    k_cache, v_cache = torch.zeros(cache_rows, dim), torch.zeros(cache_rows, dim)
+    norms = (q_norm.weight, k_norm.weight, k_norm.eps) if qk_norm else ()
+    q = native.qkv_rope_cache(qkv, heads, kv_heads, cos, signed_sin, rows, k_cache, v_cache,
+                              *norms)
+
+    q_ref, k_ref, v_ref = qkv.view(tokens, heads + 2 * kv_heads, dim).split(
+        [heads, kv_heads, kv_heads], dim=1)
+    if qk_norm:
+        q_ref = _torch_rms_norm(q_norm, q_ref, monkeypatch)
+        k_ref = _torch_rms_norm(k_norm, k_ref, monkeypatch)
+    torch.testing.assert_close(q, apply_rotary(q_ref, cos, signed_sin), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache[rows].view(tokens, kv_heads, dim),
+                               apply_rotary(k_ref, cos, signed_sin), rtol=1e-5, atol=1e-5)
+    assert torch.equal(v_cache[rows].view(tokens, kv_heads, dim), v_ref)
+    untouched = torch.ones(cache_rows, dtype=torch.bool)
+    untouched[rows] = False
+    assert not k_cache[untouched].any() and not v_cache[untouched].any()
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim", [(8, 4, 64), (8, 8, 128), (16, 4, 128)])
+def test_paged_decode_specialised_shapes_match_gather_path(heads, kv_heads, dim, monkeypatch):
+    """The kernel has unrolled code for head_dim 64/128 x GQA group 1/2/4; the torch gather
+    path is the reference."""
+    torch.manual_seed(2)
+    block_size, blocks = 4, 40
+    attn = Attention(heads, kv_heads, dim, dim**-0.5)
+    cache = torch.randn(2, blocks, kv_heads, block_size, dim)
+    attn.k_cache, attn.v_cache = cache[0], cache[1]
+    tables, starts = [[3, 7, 8, 30], [9], [5, 1, 2, 11, 12, 13, 20]], [13, 2, 25]
+    q = torch.randn(3, heads, dim)
+    set_context(build_attention_metadata([1, 1, 1], starts, tables, block_size=block_size))
+    try:
+        with torch.inference_mode():
+            out = attn.attend(q)
+            monkeypatch.setattr(native, "has_paged_decode", lambda *shape: False)
+            reference = attn.attend(q)
+    finally:
+        set_context(None)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
