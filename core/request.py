@@ -59,6 +59,9 @@ class Request:
       `num_computed_tokens` tokens is (or, within the current step, will be) in the cache.
       The scheduler advances it when it schedules tokens, so between `schedule()` and
       `update_from_output()` it already counts the step's tokens (as in vLLM v1).
+    - `num_output_placeholders` counts tokens sampled by plans still in flight (at most one
+      with async scheduling): the scheduler may plan the next decode step before they arrive,
+      since the worker keeps its own copy of the sampled tokens.
     - `len(output_token_ids) <= max_tokens`, where `max_tokens` is already capped by the context:
       `min(sampling.max_tokens or inf, max_model_len - len(prompt_token_ids))`.
     """
@@ -72,6 +75,7 @@ class Request:
     arrival_time: float = 0.0
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_output_placeholders: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache when first scheduled
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0

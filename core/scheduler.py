@@ -8,9 +8,11 @@ behind than the budget), decode (one token behind: the last sampled one) and pre
     schedule()            -> SchedulerOutput   (sent to every worker)
     update_from_output()  <- ModelRunnerOutput (rank 0's sampled tokens) -> EngineOutputs per client
 
-The two alternate: each plan's `update_from_output` runs before the next `schedule()`. (If the
-engine schedules step N+1 before updating N, requests waiting for their sampled token are one
-token behind with nothing to compute and are simply skipped in N+1.)
+With async scheduling the engine calls `schedule()` for step N+1 before `update_from_output()`
+of step N. A request that samples in N then has an output placeholder: N+1 already computes the
+KV of that not-yet-known token (the worker has it by then) and samples the next one. When N's
+token ends the request, N+1's token for it is dropped; a request whose placeholders reach
+its length limit is not scheduled again.
 """
 
 from __future__ import annotations
@@ -171,7 +173,11 @@ class Scheduler:
         if not self._schedule_running(plan):
             self._schedule_waiting(plan)
         for request_id, num_tokens in plan.num_scheduled_tokens.items():
-            self.requests[request_id].num_computed_tokens += num_tokens
+            request = self.requests[request_id]
+            request.num_computed_tokens += num_tokens
+            if (request.num_computed_tokens
+                    == request.num_tokens + request.num_output_placeholders):
+                request.num_output_placeholders += 1  # samples in this step
         self.step_id += 1
         finished, self.finished_req_ids = self.finished_req_ids, []
         return SchedulerOutput(
@@ -186,8 +192,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and plan.budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, plan.budget)
-            if num_new <= 0:  # waiting for the token sampled in the step before
+            num_new = min(request.num_tokens + request.num_output_placeholders
+                          - request.num_computed_tokens, plan.budget)
+            if num_new <= 0 or self._at_length_limit(request):
                 i += 1
                 continue
             new_block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
@@ -208,6 +215,13 @@ class Scheduler:
             plan.add(request.request_id, num_new)
             i += 1
         return preempted
+
+    def _at_length_limit(self, request: Request) -> bool:
+        """True when the tokens in flight already reach the request's length limit: its last
+        result will finish it (LENGTH), so nothing more is scheduled for it."""
+        pending = request.num_output_placeholders
+        return pending > 0 and (request.num_output_tokens + pending >= request.max_tokens
+                                or request.num_tokens + pending >= self.max_num_tokens)
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
         kv = self.kv_cache_manager
@@ -262,6 +276,7 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.is_finished:
                 continue
+            request.num_output_placeholders -= 1
             request.output_token_ids.append(token_id)
             status = self._check_stop(request)
             first = request.num_output_tokens == 1

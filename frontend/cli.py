@@ -40,6 +40,7 @@ _ENGINE_HELP = {
     "max_num_batched_tokens": "token budget of one engine step",
     "max_waiting_requests": "bound of the engine's waiting queue; beyond it: HTTP 429",
     "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",
+    "async_scheduling": "plan the next step while the workers run this one",
     "seed": "engine-wide sampling seed",
     "num_threads": "torch threads per worker (default: all cores)",
 }

@@ -30,6 +30,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_num_batched_tokens: int = 1024  # see README, Performance: smaller is lower TTFT
     max_waiting_requests: int = 4096
     enable_prefix_caching: bool = True
+    async_scheduling: bool = True  # plan step N+1 while the workers run step N
     seed: int = 0
     listen: str = ""  # ROUTER address for clients; a fresh ipc:// path when empty
     num_threads: int | None = None  # torch threads per worker; all cores when None

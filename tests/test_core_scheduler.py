@@ -7,6 +7,7 @@ the right token (this catches wrong prefix hits and evicted blocks), and samples
 depends on the whole sequence, like a model would.
 """
 
+import collections
 import random
 
 import pytest
@@ -104,25 +105,33 @@ def make_request(rid, prompt, client=b"c", priority=0, **sampling) -> Request:
                    priority=priority, arrival_time=float(next(_arrivals)))
 
 
-def run(sched: Scheduler, worker: FakeWorker, max_steps=500, on_step=None):
-    """Step until idle; returns (plans, outputs per request id, finish reason per request id)."""
+def run(sched: Scheduler, worker: FakeWorker, max_steps=500, on_step=None, ahead=False):
+    """Step until idle; returns (plans, outputs per request id, finish reason per request id).
+
+    ahead: as the engine with async scheduling, plan step N+1 before applying N's result."""
     plans, tokens, reasons = [], {}, {}
+    in_flight: collections.deque = collections.deque()
     for _ in range(max_steps):
-        if not sched.has_unfinished_requests():
+        if not sched.has_unfinished_requests() and not in_flight:
             break
         plan = sched.schedule()
         plans.append(plan)
         assert plan.total_num_scheduled_tokens <= sched.config.max_num_batched_tokens
         assert len(sched.running) <= sched.config.max_num_seqs
-        for client, outs in sched.update_from_output(plan, worker.execute(plan)).items():
-            for out in outs:
-                assert out.request_id.startswith(client.decode())
-                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-                if out.finish_reason is not None:
-                    reasons[out.request_id] = out.finish_reason
+        sent = bool(plan.num_scheduled_tokens or plan.finished_request_ids)
+        if sent:
+            in_flight.append((plan, worker.execute(plan)))
+        if in_flight and (len(in_flight) >= (2 if ahead else 1) or not sent):
+            done, output = in_flight.popleft()
+            for client, outs in sched.update_from_output(done, output).items():
+                for out in outs:
+                    assert out.request_id.startswith(client.decode())
+                    tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+                    if out.finish_reason is not None:
+                        reasons[out.request_id] = out.finish_reason
         if on_step:
             on_step(sched, plan)
-    assert not sched.has_unfinished_requests()
+    assert not sched.has_unfinished_requests() and not in_flight
     return plans, tokens, reasons
 
 
@@ -169,17 +178,19 @@ def test_chunked_prefill(model_dir):
     assert seen[3][b"c"][0].finish_reason == FinishReason.LENGTH
 
 
-def test_budget_and_max_num_seqs(model_dir):
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async"])
+def test_budget_and_max_num_seqs(model_dir, ahead):
     sched = make_scheduler(model_dir, max_num_batched_tokens=10, max_num_seqs=2)
     for i in range(5):
         sched.add_request(make_request(f"c{i}", [i + 1] * 7, max_tokens=3))
-    plans, tokens, _ = run(sched, FakeWorker(4))
+    plans, tokens, _ = run(sched, FakeWorker(4), ahead=ahead)
     assert max(len(p.num_scheduled_tokens) for p in plans) == 2
     assert max(p.total_num_scheduled_tokens for p in plans) == 10
     assert all(len(t) == 3 for t in tokens.values()) and len(tokens) == 5
 
 
-def test_preemption_resumes_with_complete_outputs(model_dir):
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async"])
+def test_preemption_resumes_with_complete_outputs(model_dir, ahead):
     def requests():
         return [make_request(f"c{i}", [i + 1] * 6, max_tokens=10) for i in range(4)]
 
@@ -200,7 +211,7 @@ def test_preemption_resumes_with_complete_outputs(model_dir):
                 assert s.requests[rid].status == RequestStatus.PREEMPTED
                 resumed[rid] = False
 
-    _, tokens, _ = run(sched, FakeWorker(4), on_step=check)
+    _, tokens, _ = run(sched, FakeWorker(4), on_step=check, ahead=ahead)
     assert sched.num_preemptions > 0 and resumed and all(resumed.values())
     assert tokens == expected
 
@@ -282,27 +293,64 @@ def test_abort_between_schedule_and_update_drops_the_token(model_dir):
     assert sched.update_from_output(plan, output) == {}
 
 
-def _finish(model_dir, sample, max_model_len=64, **sampling):
+def _finish(model_dir, sample, max_model_len=64, ahead=False, **sampling):
     sched = make_scheduler(model_dir, max_model_len=max_model_len)
     sched.add_request(make_request("c", [1, 2, 3], **sampling))
-    _, tokens, reasons = run(sched, FakeWorker(4, sample=sample))
+    _, tokens, reasons = run(sched, FakeWorker(4, sample=sample), ahead=ahead)
     return tokens["c"], reasons["c"]
 
 
-def test_stop_conditions(model_dir):
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async"])
+def test_stop_conditions(model_dir, ahead):
+    """Async: the step planned before a stop is known computes one more token, which is
+    dropped; the outputs are the same."""
+    def finish(sample, **kw):
+        return _finish(model_dir, sample, ahead=ahead, **kw)
+
     eos_third = lambda toks: EOS if len(toks) == 5 else 7  # noqa: E731
-    assert _finish(model_dir, eos_third) == ([7, 7, EOS], FinishReason.STOP)
-    assert _finish(model_dir, eos_third, ignore_eos=True) == ([7, 7, EOS] + [7] * 5,
-                                                              FinishReason.LENGTH)
-    assert _finish(model_dir, lambda t: 7, stop_token_ids=[7]) == ([7], FinishReason.STOP)
-    assert _finish(model_dir, lambda t: 7, stop_token_ids=[7], min_tokens=4) == (
-        [7] * 4, FinishReason.STOP)
-    assert _finish(model_dir, lambda t: EOS, min_tokens=2) == ([EOS] * 2, FinishReason.STOP)
-    assert _finish(model_dir, lambda t: 7, max_tokens=5) == ([7] * 5, FinishReason.LENGTH)
-    assert _finish(model_dir, lambda t: 7, max_model_len=10, max_tokens=None) == (
-        [7] * 7, FinishReason.LENGTH)
+    assert finish(eos_third) == ([7, 7, EOS], FinishReason.STOP)
+    assert finish(eos_third, ignore_eos=True) == ([7, 7, EOS] + [7] * 5, FinishReason.LENGTH)
+    assert finish(lambda t: 7, stop_token_ids=[7]) == ([7], FinishReason.STOP)
+    assert finish(lambda t: 7, stop_token_ids=[7], min_tokens=4) == ([7] * 4, FinishReason.STOP)
+    assert finish(lambda t: EOS, min_tokens=2) == ([EOS] * 2, FinishReason.STOP)
+    assert finish(lambda t: 7, max_tokens=5) == ([7] * 5, FinishReason.LENGTH)
+    assert finish(lambda t: 7, max_model_len=10, max_tokens=None) == ([7] * 7,
+                                                                      FinishReason.LENGTH)
     # A stop token on the last allowed position reports STOP: the model did end there.
-    assert _finish(model_dir, eos_third, max_tokens=3) == ([7, 7, EOS], FinishReason.STOP)
+    assert finish(eos_third, max_tokens=3) == ([7, 7, EOS], FinishReason.STOP)
+
+
+def test_async_plans_the_next_decode_before_its_input_token_is_known(model_dir):
+    sched = make_scheduler(model_dir)
+    sched.add_request(make_request("c", [1, 2, 3], max_tokens=2))
+    worker = FakeWorker(4)
+    first = sched.schedule()
+    first_out = worker.execute(first)
+    second = sched.schedule()  # before the first token is back: the worker has it
+    assert second.num_scheduled_tokens == {"c": 1}
+    assert second.cached_requests[0].num_computed_tokens == 3
+    second_out = worker.execute(second)
+    assert sched.schedule().num_scheduled_tokens == {}  # 2 tokens in flight = max_tokens
+    assert sched.update_from_output(first, first_out)[b"c"][0].finish_reason is None
+    last = sched.update_from_output(second, second_out)[b"c"][0]
+    assert last.new_token_ids == second_out.sampled_token_ids
+    assert last.finish_reason == FinishReason.LENGTH and not sched.has_unfinished_requests()
+
+
+def test_async_token_planned_past_a_stop_is_dropped(model_dir):
+    sched = make_scheduler(model_dir)
+    sched.add_request(make_request("c", [1, 2, 3]))
+    worker = FakeWorker(4, sample=lambda toks: EOS)
+    first = sched.schedule()
+    first_out = worker.execute(first)
+    second = sched.schedule()
+    second_out = worker.execute(second)
+    assert second_out.request_ids == ["c"]  # the worker did compute a token after EOS
+    assert sched.update_from_output(first, first_out)[b"c"][0].finish_reason == \
+        FinishReason.STOP
+    assert sched.update_from_output(second, second_out) == {}
+    assert sched.schedule().finished_request_ids == ["c"]
+    assert sched.kv_cache_manager.usage == 0.0
 
 
 def test_logprobs_pass_through(model_dir):
@@ -328,13 +376,14 @@ def test_overload_and_bad_requests(model_dir):
         sched.add_request(make_request("long", range(16)))
 
 
-def test_kv_cache_smaller_than_max_model_len_caps_requests(model_dir):
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async"])
+def test_kv_cache_smaller_than_max_model_len_caps_requests(model_dir, ahead):
     sched = make_scheduler(model_dir, num_blocks=3, max_model_len=16)  # holds 12 tokens
     with pytest.raises(InvalidRequest):
         sched.add_request(make_request("long", range(12)))
     sched.add_request(make_request("ca", range(3), max_tokens=None))
     sched.add_request(make_request("cb", range(20, 23), max_tokens=None))
-    _, tokens, reasons = run(sched, FakeWorker(4))
+    _, tokens, reasons = run(sched, FakeWorker(4), ahead=ahead)
     assert len(tokens["ca"]) == len(tokens["cb"]) == 9
     assert set(reasons.values()) == {FinishReason.LENGTH} and sched.num_preemptions > 0
 
@@ -356,7 +405,8 @@ def test_prefix_cache_hits_and_stats(model_dir):
     assert sched.has_request("c1") and not sched.has_request("c0")
 
 
-def test_random_workload_matches_unconstrained_run(model_dir):
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async"])
+def test_random_workload_matches_unconstrained_run(model_dir, ahead):
     """Random prompts sharing prefixes, priorities, scarce blocks, small budget and aborts: every
     request that is not aborted produces exactly the tokens of a run with plenty of room."""
     rng = random.Random(0)
@@ -379,7 +429,7 @@ def test_random_workload_matches_unconstrained_run(model_dir):
             rid = rng.choice(sorted(s.requests))
             aborted.update(r.request_id for r in s.abort_requests([rid]))
 
-    _, tokens, _ = run(sched, FakeWorker(4), on_step=maybe_abort)
+    _, tokens, _ = run(sched, FakeWorker(4), on_step=maybe_abort, ahead=ahead)
     assert sched.num_preemptions > 0 and aborted and sched.kv_cache_manager.num_hit_tokens > 0
     for rid in expected:
         if rid not in aborted:
