@@ -81,6 +81,7 @@ class EngineCore:
             self._fail_startup(e)
             raise
         self.info.dtype = self.executor.dtype
+        config.max_num_batched_tokens = self.executor.max_num_batched_tokens
         self.scheduler = Scheduler(config, self.executor.num_kv_blocks, self.info.max_model_len,
                                    self.info.eos_token_ids)
         self.in_flight: collections.deque[SchedulerOutput] = collections.deque()
@@ -91,10 +92,12 @@ class EngineCore:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         logger.info("engine ready in %.1f s: %s, dtype %s, %d KV blocks of %d tokens, "
-                    "max_model_len %d, TP=%d (weights per rank: %s MiB), listening on %s",
+                    "max_model_len %d, step budget %d tokens, %s scheduling, TP=%d "
+                    "(weights per rank: %s MiB), listening on %s",
                     time.monotonic() - start, self.info.architecture, self.info.dtype,
                     self.executor.num_kv_blocks, config.block_size, self.info.max_model_len,
-                    config.tensor_parallel_size,
+                    config.max_num_batched_tokens,
+                    "async" if config.async_scheduling else "sync", config.tensor_parallel_size,
                     ", ".join(f"{b / 2**20:.1f}" for b in self.executor.weight_bytes),
                     config.listen)
 

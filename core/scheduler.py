@@ -78,6 +78,8 @@ class Scheduler:
 
     def __init__(self, config: EngineConfig, num_kv_blocks: int, max_model_len: int,
                  eos_token_ids: list[int]):
+        if config.max_num_batched_tokens is None:
+            raise ValueError("the step budget must be resolved (the workers report it)")
         kv_capacity = num_kv_blocks * config.block_size
         if kv_capacity < max_model_len:
             logger.warning("%d KV blocks of %d tokens hold %d tokens, less than max_model_len "

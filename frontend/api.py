@@ -27,10 +27,12 @@ __all__ = ["LLM", "AsyncLLM", "RequestOutput", "CompletionOutput", "SamplingPara
 class _Base:
     """What LLM and AsyncLLM share: config, engine process, tokenizer, request fan-out."""
 
+    online = False  # AsyncLLM: requests arrive over time (see EngineConfig.online)
+
     def __init__(self, model: str | None, tensor_parallel_size: int, dtype: str,
                  max_model_len: int | None, seed: int, kwargs: dict[str, Any]):
-        self.config = make_config(model, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
-                                  max_model_len=max_model_len, seed=seed, **kwargs)
+        self.config = make_config(model, self.online, tensor_parallel_size=tensor_parallel_size,
+                                  dtype=dtype, max_model_len=max_model_len, seed=seed, **kwargs)
         self.tokenizer = load_tokenizer(self.config.model)
         self.engine: EngineProcess | None = EngineProcess(self.config)
 
@@ -153,6 +155,8 @@ class LLM(_Base):
 
 class AsyncLLM(_Base):
     """Streaming generation on asyncio: `async for out in llm.generate(...)`."""
+
+    online = True
 
     def __init__(self, model: str | None = None, tensor_parallel_size: int = 1,
                  dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,

@@ -37,10 +37,12 @@ _ENGINE_HELP = {
     "kv_cache_memory_gb": "KV-cache memory per worker, in GiB",
     "num_kv_blocks": "KV-cache blocks per worker (overrides --kv-cache-memory-gb)",
     "max_num_seqs": "most requests running at once",
-    "max_num_batched_tokens": "token budget of one engine step",
+    "max_num_batched_tokens": "token budget of one engine step (default: 256 on a CPU, "
+                              "2048 on a GPU; 1024 / 8192 with --no-online)",
     "max_waiting_requests": "bound of the engine's waiting queue; beyond it: HTTP 429",
     "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",
     "async_scheduling": "plan the next step while the workers run this one",
+    "online": "pick defaults for requests arriving over time (on for serve and engine)",
     "seed": "engine-wide sampling seed",
     "num_threads": "torch threads per worker (default: all cores)",
 }
@@ -113,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     overrides = {f: getattr(args, f) for f in EngineConfig.__struct_fields__
                  if f not in ("model", "listen")}
-    cfg = make_config(args.model or args.model_tag, listen=args.listen, **overrides)
+    cfg = make_config(args.model or args.model_tag, online_default=True, listen=args.listen,
+                      **overrides)
     if not cfg.listen and args.default_listen:  # neither --listen nor ZOMNI_LISTEN
         cfg.listen = args.default_listen
     return cfg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -36,8 +37,11 @@ def served_name(model: str) -> str:
     return DEMO_MODEL_NAME if Path(model).resolve() == demo.resolve() else model
 
 
-def make_config(model: str | None, **kwargs) -> EngineConfig:
-    """An EngineConfig from keyword arguments (vLLM names) and `ZOMNI_*` variables."""
+def make_config(model: str | None, online_default: bool = False, **kwargs) -> EngineConfig:
+    """An EngineConfig from keyword arguments (vLLM names) and `ZOMNI_*` variables;
+    `online` is `online_default` unless one of them sets it."""
+    if kwargs.get("online") is None and "ZOMNI_ONLINE" not in os.environ:
+        kwargs["online"] = online_default
     return EngineConfig.from_env(model=model or default_model(), **kwargs)
 
 

@@ -27,10 +27,11 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     kv_cache_memory_gb: float = 2.0  # per worker; the number of blocks follows from it
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb (tests use it)
     max_num_seqs: int = 128
-    max_num_batched_tokens: int = 1024  # see README, Performance: smaller is lower TTFT
+    max_num_batched_tokens: int | None = None  # None: `default_max_num_batched_tokens`
     max_waiting_requests: int = 4096
     enable_prefix_caching: bool = True
     async_scheduling: bool = True  # plan step N+1 while the workers run step N
+    online: bool = False  # requests arrive over time (serve, AsyncLLM): defaults favour latency
     seed: int = 0
     listen: str = ""  # ROUTER address for clients; a fresh ipc:// path when empty
     num_threads: int | None = None  # torch threads per worker; all cores when None
@@ -38,7 +39,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "block_size", "max_num_seqs",
                      "max_num_batched_tokens", "max_waiting_requests"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InvalidRequest(f"{name} must be at least 1", param=name)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InvalidRequest(f"unknown dtype {self.dtype!r}", param="dtype")
@@ -55,6 +56,21 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     def hf_config(self) -> dict:
         with open(Path(self.model) / "config.json") as f:
             return json.load(f)
+
+
+def default_max_num_batched_tokens(device_type: str, online: bool) -> int:
+    """The step token budget when none is given, for the device the workers run on.
+
+    A step's matmuls stay compute-bound from ~128 tokens on a CPU, so on the CPU the budget only
+    trades TTFT against per-step overhead. Online, small steps let arriving prompts start
+    sooner and keep decodes moving: workload W at concurrency 16 on 2 cores gave output 982 /
+    937 / 886 tok/s and TTFT p50 154 / 205 / 289 ms at 128 / 256 / 512 tokens, against 800 and
+    392 ms at 1024. Offline, where only throughput counts, 256 was ~15% slower than 1024.
+    GPUs take vLLM's serving default.
+    """
+    if device_type != "cpu":
+        return 2048 if online else 8192
+    return 256 if online else 1024
 
 
 class WorkerConfig(msgspec.Struct, kw_only=True):

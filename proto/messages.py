@@ -155,6 +155,7 @@ class WorkerReady(_Msg):
     num_kv_blocks: int
     weight_bytes: int  # bytes of this rank's parameters (about 1/N of the model under TP)
     dtype: str  # the dtype the worker resolved "auto" to
+    max_num_batched_tokens: int  # the step budget it resolved (default per device)
 
 
 class NewRequestData(_Msg):

@@ -11,6 +11,9 @@ import psutil
 from http_utils import Proc, scripted_model, zomni_cmd
 
 from zomni._process import free_port
+from zomni.frontend import cli
+from zomni.frontend.launch import make_config
+from zomni.proto.config import default_max_num_batched_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +27,22 @@ def test_help_lists_every_command_and_engine_flag():
                  "--kv-cache-memory-gb", "--max-num-seqs", "--max-num-batched-tokens",
                  "--api-key", "--host", "--port", "--no-enable-prefix-caching"):
         assert flag in out.stdout
+
+
+def test_servers_default_to_online_and_budgets_follow_device_and_use(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.delenv("ZOMNI_ONLINE", raising=False)
+    parser = cli.build_parser()
+    for command in ("serve", "engine"):
+        assert cli._engine_config(parser.parse_args([command, str(tmp_path)])).online
+        assert not cli._engine_config(parser.parse_args([command, str(tmp_path),
+                                                         "--no-online"])).online
+    assert not make_config(str(tmp_path)).online  # LLM
+    monkeypatch.setenv("ZOMNI_ONLINE", "0")
+    assert not cli._engine_config(parser.parse_args(["serve", str(tmp_path)])).online
+    assert [default_max_num_batched_tokens(device, online) for device, online in
+            [("cpu", True), ("cpu", False), ("cuda", True), ("cuda", False)]] == [
+        256, 1024, 2048, 8192]
 
 
 def test_bad_model_is_a_clear_error(tmp_path):

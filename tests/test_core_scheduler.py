@@ -90,6 +90,7 @@ def model_dir(tmp_path):
 
 
 def make_scheduler(model_dir, num_blocks=64, block_size=4, max_model_len=64, **cfg) -> Scheduler:
+    cfg.setdefault("max_num_batched_tokens", 1024)
     config = EngineConfig(model=model_dir, block_size=block_size, **cfg)
     return Scheduler(config, num_blocks, max_model_len, [EOS])
 

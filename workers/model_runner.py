@@ -34,6 +34,7 @@ from zomni.proto import (
     TokenLogprobs,
     WorkerConfig,
 )
+from zomni.proto.config import default_max_num_batched_tokens
 from zomni.proto.model_info import read_model_info
 from zomni.workers import native
 from zomni.workers.context import AttentionMetadata, build_attention_metadata, set_context
@@ -149,6 +150,8 @@ class ModelRunner:
             logger.info("rank %d: native paged decode attention %s", self.rank,
                         "on" if native.has_paged_decode() else "off")
         self.torch_dtype = _DTYPES[self.dtype]
+        self.max_num_batched_tokens = engine.max_num_batched_tokens or \
+            default_max_num_batched_tokens(self.device.type, engine.online)
 
         start = time.perf_counter()
         self.model, self.hf_config = load_model(engine.model, self.torch_dtype, self.device)
@@ -164,7 +167,7 @@ class ModelRunner:
         self.num_kv_blocks = self._num_kv_blocks(engine.num_kv_blocks, engine.kv_cache_memory_gb)
         self._allocate_kv_cache()
         self.sampler = Sampler(engine.seed, self.device)
-        self._warm_up(min(engine.max_num_batched_tokens, self.num_kv_blocks * self.block_size,
+        self._warm_up(min(self.max_num_batched_tokens, self.num_kv_blocks * self.block_size,
                           getattr(self.hf_config, "max_position_embeddings", 2**31)))
         self.requests: dict[str, RequestState] = {}
 

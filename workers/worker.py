@@ -109,7 +109,8 @@ def _start(sock: zmq.Socket, config: WorkerConfig) -> ModelRunner:
                 "(ready in %.2f s)", config.rank, runner.dtype, runner.num_kv_blocks,
                 runner.weight_bytes / 2**20, runner.load_time_s, time.perf_counter() - start)
     sock.send_multipart(encode(MsgType.WORKER_READY, WorkerReady(
-        config.rank, runner.num_kv_blocks, runner.weight_bytes, runner.dtype)))
+        config.rank, runner.num_kv_blocks, runner.weight_bytes, runner.dtype,
+        runner.max_num_batched_tokens)))
     return runner
 
 
