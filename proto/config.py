@@ -61,16 +61,17 @@ class EngineConfig(msgspec.Struct, kw_only=True):
 def default_max_num_batched_tokens(device_type: str, online: bool) -> int:
     """The step token budget when none is given, for the device the workers run on.
 
-    A step's matmuls stay compute-bound from ~128 tokens on a CPU, so on the CPU the budget only
-    trades TTFT against per-step overhead. Online, small steps let arriving prompts start
-    sooner and keep decodes moving: workload W at concurrency 16 on 2 cores gave output 982 /
-    937 / 886 tok/s and TTFT p50 154 / 205 / 289 ms at 128 / 256 / 512 tokens, against 800 and
-    392 ms at 1024. Offline, where only throughput counts, 256 was ~15% slower than 1024.
-    GPUs take vLLM's serving default.
+    A step's matmuls stay compute-bound from ~128 tokens on a CPU, so there the budget trades
+    TTFT against per-step overhead. Online, small steps let arriving prompts start sooner and
+    keep decodes moving. Workload W at concurrency 16 on 2 cores, fresh servers paired:
+    128 tokens gave 916-981 tok/s and TTFT p50 142-154 ms, 256 gave 870-925 and 205-222 ms,
+    512 ~880 and 250-290 ms, 1024 ~800 and 330-390 ms. 1024-token prompts at concurrency 4
+    ranked the same (TTFT p50 442-481 / 546-611 / 778-913 ms at 128 / 256 / 512). Offline,
+    where only throughput counts, 256 was ~15% slower than 1024. GPUs take vLLM's defaults.
     """
     if device_type != "cpu":
         return 2048 if online else 8192
-    return 256 if online else 1024
+    return 128 if online else 1024
 
 
 class WorkerConfig(msgspec.Struct, kw_only=True):

@@ -42,7 +42,7 @@ def test_servers_default_to_online_and_budgets_follow_device_and_use(tmp_path, m
     assert not cli._engine_config(parser.parse_args(["serve", str(tmp_path)])).online
     assert [default_max_num_batched_tokens(device, online) for device, online in
             [("cpu", True), ("cpu", False), ("cuda", True), ("cuda", False)]] == [
-        256, 1024, 2048, 8192]
+        128, 1024, 2048, 8192]
 
 
 def test_bad_model_is_a_clear_error(tmp_path):
