@@ -45,10 +45,12 @@ def llama_llm(llama_dir):
         yield llm
 
 
-@pytest.fixture(scope="module")
-def cramped_llm(llama_dir):
-    """Few KV blocks and a small step budget: forces preemption and chunked prefill."""
-    with LLM(model=str(llama_dir), num_kv_blocks=24, max_num_batched_tokens=32) as llm:
+@pytest.fixture(scope="module", params=[True, False], ids=["async", "sync"])
+def cramped_llm(llama_dir, request):
+    """Few KV blocks and a small step budget: forces preemption and chunked prefill; with
+    async scheduling (the default) and without."""
+    with LLM(model=str(llama_dir), num_kv_blocks=24, max_num_batched_tokens=32,
+             async_scheduling=request.param) as llm:
         yield llm
 
 
