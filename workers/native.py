@@ -101,9 +101,10 @@ def _fp32_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
 
-def has_layer_ops(x: torch.Tensor) -> bool:
-    """Whether `rms_norm` and `qkv_rope_cache` run for this activation (fp32 on the CPU)."""
-    return _fp32_cpu(x) and _rms_norm() is not None
+def has_layer_ops(x: torch.Tensor, head_dim: int = 2) -> bool:
+    """Whether `rms_norm` and `qkv_rope_cache` run for this activation (fp32 on the CPU) and
+    head size (even, at most 512)."""
+    return _fp32_cpu(x) and head_dim % 2 == 0 and head_dim <= 512 and _rms_norm() is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -72,7 +72,7 @@ class DecoderAttention(nn.Module):
         """residual + attention(x)"""
         qkv = self.qkv_proj(x)
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        if native.has_layer_ops(qkv):  # one pass: q/k norm, RoPE, K/V into the cache
+        if native.has_layer_ops(qkv, dim):  # one pass: q/k norm, RoPE, K/V into the cache
             attn = self.attn
             norms = (self.q_norm.weight, self.k_norm.weight, self.k_norm.eps) \
                 if self.qk_norm else ()
