@@ -86,7 +86,7 @@ _MALLOC_TUNABLES = {
 
 def worker_env() -> dict[str, str]:
     """The workers' environment: OpenMP threads that spin only briefly when idle, and a malloc
-    that keeps activations on reused huge pages. The user's own settings win.
+    that keeps activations for reuse (on huge pages). The user's own settings win.
 
     A spinning OpenMP thread holds its core while it waits. With more threads than free cores
     (the engine core, a frontend, or another job awake) a long-spinning team collapses: on a
@@ -95,12 +95,15 @@ def worker_env() -> dict[str, str]:
     quiet speed (711) and bounds what an idle worker steals.
 
     Huge pages (glibc >= 2.35 madvises its heap and mmaps; kernels in THP "madvise" mode honour
-    it, older glibc ignores the tunables): the KV cache is read at scattered block runs, and with
-    4 KiB pages each run is a TLB miss; W ran ~14% faster. By default glibc serves each step's
-    large activations (up to tens of MB) with fresh mmaps or trims them back to the kernel,
-    which then clears new pages every step (clear_page was the top kernel symbol): a 2048-token
-    prefill step took ~480 instead of ~390 ms, and W ran at 1211-1361 instead of 1447-1689
-    tok/s. Allocations under 32 MiB now stay in the heap, which is never trimmed.
+    it, older glibc ignores the tunables) paid ~14% on W while the KV cache came from malloc.
+    It now has its own mmap (model_runner._zeros), and the setting measures neutral (W 1826 /
+    1454 / 1472 tok/s with it, 1693 / 1488 / 1546 without, paired).
+
+    By default glibc serves each step's large activations (up to tens of MB) with fresh mmaps
+    or trims them back to the kernel, which then clears new pages every step (clear_page was
+    the top kernel symbol): a 2048-token prefill step took ~480 instead of ~390 ms, and W ran
+    at 1211-1361 instead of 1447-1689 tok/s. Allocations under 32 MiB now stay in the heap,
+    which is never trimmed.
     """
     env = dict(os.environ)
     if "OMP_WAIT_POLICY" not in env:
