@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from zomni.workers import cpu_gemm
+from zomni.workers import cpu_gemm, native
 from zomni.workers.context import build_attention_metadata
 from zomni.workers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from zomni.workers.linear import (
@@ -111,9 +111,22 @@ def test_rope_matches_transformers_llama3_scaling():
     torch.testing.assert_close(sin, ref_sin[0], rtol=0, atol=1e-6)
 
 
-@pytest.mark.skipif(not cpu_gemm.can_pack(torch.empty(1, 1)), reason="no oneDNN in this torch")
+@pytest.fixture(params=["native", "onednn"])
+def kernel(request, monkeypatch):
+    """Which packed kernel cpu_gemm picks for fp32: ours (csrc/gemm.c) or oneDNN's."""
+    if request.param == "native" and not native.has_gemm(torch.empty(1, 1)):
+        pytest.skip("no AVX-512 or no C compiler: the native GEMM is not built")
+    if request.param == "onednn":
+        if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+            pytest.skip("no oneDNN in this torch")
+        monkeypatch.setattr(native, "has_gemm", lambda weight: False)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_linear_matches_dense(dtype):
+def test_packed_linear_matches_dense(dtype, kernel):
+    if dtype == torch.bfloat16 and kernel == "native":
+        pytest.skip("the native GEMM is fp32 only")
     torch.manual_seed(0)
     layer = ColumnParallelLinear(64, 96, bias=True, tp_rank=0, tp_size=1).to(dtype)
     layer.weight.data.normal_()
@@ -126,14 +139,14 @@ def test_packed_linear_matches_dense(dtype):
     layer.pack(batch_hint=16)
     head.pack(batch_hint=16)
     assert layer.packed is not None and layer.weight.numel() == 0  # the packed copy replaces it
+    assert isinstance(layer.packed, cpu_gemm.Panels) == (kernel == "native")
     tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.5)
     torch.testing.assert_close(layer(x).double(), want, **tol)
     torch.testing.assert_close(head(x).double(), want_head, **tol)
     assert layer(x[:0]).shape == (0, 96)
 
 
-@pytest.mark.skipif(not cpu_gemm.can_pack(torch.empty(1, 1)), reason="no oneDNN in this torch")
-def test_packed_epilogues_match_unfused():
+def test_packed_epilogues_match_unfused(kernel):
     torch.manual_seed(0)
     gate_up = MergedColumnParallelLinear(32, [48, 48], bias=True, tp_rank=0, tp_size=1)
     down = RowParallelLinear(48, 32, bias=True, tp_rank=0, tp_size=1)

@@ -1,38 +1,63 @@
-"""Linears on the CPU through oneDNN, with weights reordered once at load.
+"""Linears on the CPU, with weights repacked once at load.
 
-torch's default CPU `F.linear` calls MKL's sgemm. On the AMD EPYC (AVX-512) machines we
-measure on, oneDNN's JIT kernels on a weight prepacked into its blocked layout run ~2.5x faster
-in fp32 (decode shape 64 x 512 -> 3072: ~400 vs ~160 GFLOP/s on 2 threads, same fp32 accuracy)
-and ~1.2-2x faster in bf16. torch.compile's CPU freezing pass makes the same swap; doing it
-once at load gets the kernel without compiling anything.
+torch's default CPU `F.linear` calls MKL's sgemm, which is slow on the AMD EPYC (AVX-512)
+machines we measure on. Two faster kernels take a weight repacked once:
 
-oneDNN also applies an epilogue while the output tile is still in cache: SiLU on the gate
-projection, the SiLU(gate) product on the up projection and the residual add on the output
-projections, instead of one more pass over a [tokens, width] tensor each.
+- fp32 with AVX-512: our own (csrc/gemm.c, `Panels`). Weight panels of 16 output columns, each
+  streamed front to back while a tile of outputs stays in registers. Against oneDNN's
+  prepacked kernel on the `small` shape (all linears of a forward pass, weights cold): ~1.2x at
+  16 rows, ~1.3x at 1-8 rows, equal at 64-128, ~1.07x at 1024 (Qwen3-0.6B: 1.05-1.1x at 16,
+  ~1.15x at 1024).
+- otherwise (bf16, no AVX-512): oneDNN's JIT kernels on its own blocked layout (~2.5x MKL in
+  fp32 at decode shapes, ~1.2-2x in bf16), the swap torch.compile's CPU freezing pass makes.
+
+Both apply an epilogue while the output tile is still in cache: SiLU on the gate projection,
+the SiLU(gate) product on the up projection and the residual add on the output projections,
+instead of one more pass over a [tokens, width] tensor each.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
+from zomni.workers import native
+
+
+class Panels(NamedTuple):
+    """A weight [out_features, K] packed for `native.gemm`."""
+
+    data: torch.Tensor
+    out_features: int
+
+
+Packed = torch.Tensor | Panels
+
 
 def can_pack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dim() == 2
-            and weight.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    if weight.device.type != "cpu" or weight.dim() != 2:
+        return False
+    return native.has_gemm(weight) or (
+        weight.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def pack(weight: torch.Tensor, batch_hint: int) -> torch.Tensor:
-    """An opaque oneDNN tensor holding `weight` [out, in] reordered for ~`batch_hint` rows."""
+def pack(weight: torch.Tensor, batch_hint: int) -> Packed:
+    """`weight` [out, in] repacked for this CPU: our panels, or an opaque oneDNN tensor
+    reordered for ~`batch_hint` rows."""
+    if native.has_gemm(weight):
+        return Panels(native.pack_panels(weight), weight.shape[0])
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           packed: torch.Tensor | None, epilogue: str = "none",
+           packed: Packed | None, epilogue: str = "none",
            other: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias, then `epilogue`: "none", "silu", or "mul" / "add" with `other`."""
+    if isinstance(packed, Panels):
+        return native.gemm(x, packed.data, packed.out_features, bias, epilogue, other)
     if packed is None:
         y = F.linear(x, weight, bias)
         if epilogue == "silu":

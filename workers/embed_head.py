@@ -68,10 +68,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     def __init__(self, num_embeddings: int, embedding_dim: int,
                  tp_rank: int | None = None, tp_size: int | None = None):
         super().__init__(num_embeddings, embedding_dim, tp_rank, tp_size)
-        self.packed: torch.Tensor | None = None
+        self.packed: cpu_gemm.Packed | None = None
 
     def pack(self, batch_hint: int) -> None:
-        """Add a oneDNN-packed copy of the weight (CPU only; see cpu_gemm). The dense weight
+        """Add a packed copy of the weight (CPU only; see cpu_gemm). The dense weight
         stays: it may be the embedding's too."""
         if cpu_gemm.can_pack(self.weight):
             self.packed = cpu_gemm.pack(self.weight, batch_hint)

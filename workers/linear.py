@@ -65,10 +65,10 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
-        self.packed: torch.Tensor | None = None
+        self.packed: cpu_gemm.Packed | None = None
 
     def pack(self, batch_hint: int) -> None:
-        """Swap the weight for its oneDNN-packed copy (CPU only; see cpu_gemm)."""
+        """Swap the weight for its packed copy (CPU only; see cpu_gemm)."""
         if cpu_gemm.can_pack(self.weight):
             self.packed = cpu_gemm.pack(self.weight, batch_hint)
             self.weight.data = self.weight.data.new_empty(0)  # the packed copy replaces it
@@ -103,7 +103,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
                  tp_rank: int | None = None, tp_size: int | None = None):
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size)
-        self.packed_parts: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.packed_parts: tuple[cpu_gemm.Packed, cpu_gemm.Packed] | None = None
 
     def pack(self, batch_hint: int) -> None:
         """Gate and up packed apart (see `silu_and_mul`)."""

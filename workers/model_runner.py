@@ -162,7 +162,7 @@ class ModelRunner:
         self.model, self.hf_config = load_model(engine.model, self.torch_dtype, self.device)
         self.load_time_s = time.perf_counter() - start
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        for module in self.model.modules():  # CPU: oneDNN-packed weights (see cpu_gemm)
+        for module in self.model.modules():  # CPU: repacked weights (see cpu_gemm)
             if hasattr(module, "pack"):
                 module.pack(batch_hint=engine.max_num_seqs)
         self.vocab_size = self.hf_config.vocab_size

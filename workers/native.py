@@ -97,6 +97,18 @@ def _qkv_rope_cache():
                      ctypes.c_int)
 
 
+def _gemm():
+    if not _function("gemm", "zomni_gemm_available", (), ctypes.c_int)():
+        return None
+    return _function("gemm", "zomni_gemm_f32",
+                     (_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64,
+                      ctypes.c_int), ctypes.c_int)
+
+
+_EPILOGUES = {"none": 0, "silu": 1, "mul": 2, "add": 3}
+_PANEL = 16  # output columns per panel (csrc/gemm.c)
+
+
 def _fp32_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
@@ -140,6 +152,44 @@ def qkv_rope_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: to
     if status != 0:
         raise ValueError(f"qkv/RoPE kernel: unsupported head_dim {dim}")
     return out
+
+
+def has_gemm(weight: torch.Tensor) -> bool:
+    """Whether `pack_panels` / `gemm` run for this weight: fp32 on a CPU with AVX-512."""
+    return weight.dim() == 2 and _fp32_cpu(weight) and load("gemm") is not None \
+        and _gemm() is not None
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] -> panels [ceil(N / 16), K, 16] for `gemm` (csrc/gemm.c)."""
+    n, k = weight.shape
+    weight = weight.detach().contiguous()
+    panels = torch.empty(-(-n // _PANEL), k, _PANEL, dtype=weight.dtype)
+    _function("gemm", "zomni_gemm_pack_f32", (_PTR, _I64, _I64, _PTR), ctypes.c_int)(
+        weight.data_ptr(), n, k, panels.data_ptr())
+    return panels
+
+
+def gemm(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None,
+         epilogue: str = "none", other: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W.T (+ bias) for W packed by `pack_panels` with `n` rows, then `epilogue`:
+    "none", "silu", or "mul" / "add" with `other` [..., n]. A new tensor [..., n]."""
+    k = panels.shape[1]
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], n, dtype=x.dtype)
+    ld_other, bias = 0, None if bias is None else bias.contiguous()
+    if other is not None:
+        other = other.reshape(-1, n)
+        if other.stride(-1) != 1:
+            other = other.contiguous()
+        ld_other = other.stride(0)
+    _gemm()(rows.data_ptr(), rows.stride(0), panels.data_ptr(),
+            None if bias is None else bias.data_ptr(), out.data_ptr(), n,
+            None if other is None else other.data_ptr(), ld_other, rows.shape[0], n, k,
+            _EPILOGUES[epilogue])
+    return out.view(*x.shape[:-1], n)
 
 
 def has_paged_decode(num_heads: int = 1, num_kv_heads: int = 1, head_dim: int = 1) -> bool:
