@@ -5,9 +5,9 @@ machines we measure on. Two faster kernels take a weight repacked once:
 
 - fp32 with AVX-512: our own (csrc/gemm.c, `Panels`). Weight panels of 16 output columns, each
   streamed front to back while a tile of outputs stays in registers. Against oneDNN's
-  prepacked kernel on the `small` shape (all linears of a forward pass, weights cold): ~1.2x at
-  16 rows, ~1.3x at 1-8 rows, equal at 64-128, ~1.07x at 1024 (Qwen3-0.6B: 1.05-1.1x at 16,
-  ~1.15x at 1024).
+  prepacked kernel, all linears of a forward pass with the weights cold (`small` shape):
+  1.1-1.3x at 1-16 rows, 1.0-1.07x from 64 to 1024 rows; Qwen3-0.6B: 1.1-1.2x at 16 rows,
+  1.13x at 1024. Offline W is unchanged; online W at concurrency 16 gained ~17%.
 - otherwise (bf16, no AVX-512): oneDNN's JIT kernels on its own blocked layout (~2.5x MKL in
   fp32 at decode shapes, ~1.2-2x in bf16), the swap torch.compile's CPU freezing pass makes.
 

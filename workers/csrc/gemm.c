@@ -2,10 +2,10 @@
  *
  * W [N, K] is repacked once at load into panels of 16 output columns, [ceil(N/16)][K][16]
  * (columns past N are zero), so that a thread reads each panel front to back, one stream the
- * hardware prefetcher follows. Each thread owns a contiguous range of panels and walks it in
- * groups of up to 3 panels; a tile keeps an MR x 48 block of y in 24 of the 32 zmm registers
- * while k runs over the whole of K, loading 3 weight vectors and broadcasting MR activations per
- * step. Rows go 8 at a time; a group's panels (K * 192 bytes) stay in L2 for the next 8 rows.
+ * hardware prefetcher follows. A work item is a group of up to 3 panels by up to 64 rows; a
+ * tile keeps an MR x 48 block of y in 24 of the 32 zmm registers while k runs over the whole of
+ * K, loading 3 weight vectors and broadcasting MR activations per step. Rows go 8 at a time;
+ * the group's panels (K * 192 bytes) stay in L2 for the next 8 rows.
  *
  * On the AMD EPYC (Zen 5) machines we measure on, this streams decode-size batches (M <= 16)
  * 10-20% faster than oneDNN's prepacked kernel and matches it up to prefill sizes; see
@@ -25,12 +25,12 @@
 
 #define NR 16 /* columns per panel: one zmm */
 #define AHEAD (4 * NR * NR) /* prefetch distance in floats: 4 KB down the panel */
+#define ROW_BLOCK 64 /* rows per work item */
 
 enum { EPI_NONE, EPI_SILU, EPI_MUL, EPI_ADD };
 
 #ifdef __AVX512F__
 #include <immintrin.h>
-#include <omp.h>
 
 /* glibc's libmvec has vector expf (see paged_attention.c) */
 #pragma omp declare simd notinbranch
@@ -133,21 +133,22 @@ int zomni_gemm_f32(const float *x, int64_t ldx, const float *panels, const float
                    float *y, int64_t ldy, const float *other, int64_t ldo, int64_t M, int64_t N,
                    int64_t K, int epilogue) {
     const Gemm g = {x, panels, bias, other, y, ldx, ldy, ldo, N, K, epilogue};
-    const int64_t total = (N + NR - 1) / NR;
-#pragma omp parallel
-    {
-        /* contiguous panel ranges: each thread streams its own part of W once */
-        const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t first = total * t / threads, last = total * (t + 1) / threads;
-        for (int64_t p = first; p < last; p += 3) {
-            const int64_t np = last - p < 3 ? last - p : 3;
-            const int64_t cols = (N - p * NR) < np * NR ? N - p * NR : np * NR;
-            int64_t m = 0;
-            for (; m + 8 <= M; m += 8) rows_8(&g, m, p, np, cols);
-            if (M - m >= 4) rows_4(&g, m, p, np, cols), m += 4;
-            if (M - m >= 2) rows_2(&g, m, p, np, cols), m += 2;
-            if (M - m >= 1) rows_1(&g, m, p, np, cols);
-        }
+    const int64_t panels_n = (N + NR - 1) / NR, groups = (panels_n + 2) / 3;
+    const int64_t blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
+    /* Handed out one at a time: a thread preempted by another process does not hold up the
+     * step (static ranges measured ~5% slower on W), and prefill-sized M splits evenly even
+     * when N has few panels. */
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t item = 0; item < groups * blocks; item++) {
+        const int64_t p = item / blocks * 3, np = panels_n - p < 3 ? panels_n - p : 3;
+        const int64_t cols = N - p * NR < np * NR ? N - p * NR : np * NR;
+        const int64_t end = (item % blocks + 1) * ROW_BLOCK < M ? (item % blocks + 1) * ROW_BLOCK
+                                                                 : M;
+        int64_t m = item % blocks * ROW_BLOCK;
+        for (; m + 8 <= end; m += 8) rows_8(&g, m, p, np, cols);
+        if (end - m >= 4) rows_4(&g, m, p, np, cols), m += 4;
+        if (end - m >= 2) rows_2(&g, m, p, np, cols), m += 2;
+        if (end - m >= 1) rows_1(&g, m, p, np, cols);
     }
     return 0;
 }
