@@ -6,8 +6,9 @@
 
 Peaks: GFLOP/s of `x @ w.T` (a Linear) at the workload's prefill shape (2048 x 512 x 1536) and
 decode shape (64 x 512 x 1536), fp32 and bf16, through torch's default path (MKL for fp32),
-oneDNN with a prepacked weight (what zomni's CPU linears use) and numpy (no bf16), with the
-thread counts given; and the memory bandwidth (a large copy).
+oneDNN with a prepacked weight, zomni's own fp32 kernel on weight panels (what its CPU linears
+use on AVX-512; workers/csrc/gemm.c) and numpy (no bf16), with the thread counts given; and
+the memory bandwidth (a large copy).
 
 The floor of a workload: prefill is its matmul FLOPs (2 * params_of_linears per token, plus the
 LM head on sampled rows only) at the best prefill peak; each decode step takes at least the
@@ -31,32 +32,38 @@ PREFILL_SHAPE = (2048, 512, 1536)
 DECODE_SHAPE = (64, 512, 1536)
 
 
+def _gflops(run, m: int, k: int, n: int, seconds: float) -> float:
+    for _ in range(3):
+        run()
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        run()
+        reps += 1
+    return 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9
+
+
 def torch_gflops(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 0.5) -> float:
     x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
     out = torch.empty(m, n, dtype=dtype)
-    for _ in range(3):
-        torch.matmul(x, w.t(), out=out)
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.matmul(x, w.t(), out=out)
-        reps += 1
-    return 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9
+    return _gflops(lambda: torch.matmul(x, w.t(), out=out), m, k, n, seconds)
 
 
 def onednn_gflops(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 0.5) -> float:
     x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
     packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
+    return _gflops(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+                   m, k, n, seconds)
 
-    def run():
-        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
-    for _ in range(3):
-        run()
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        run()
-        reps += 1
-    return 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9
+def zomni_gflops(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """zomni's native kernel; NaN where it does not run (not fp32, no AVX-512)."""
+    from zomni.workers import native
+
+    x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    if not native.has_gemm(w):
+        return float("nan")
+    panels = native.pack_panels(w)
+    return _gflops(lambda: native.gemm(x, panels, n), m, k, n, seconds)
 
 
 def bandwidth_gbs(seconds: float = 0.5) -> float:
@@ -76,13 +83,7 @@ def numpy_gflops(m: int, k: int, n: int, seconds: float = 0.5) -> float:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((m, k), dtype=np.float32)
     w = rng.standard_normal((n, k), dtype=np.float32)
-    for _ in range(3):
-        x @ w.T
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        x @ w.T
-        reps += 1
-    return 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9
+    return _gflops(lambda: x @ w.T, m, k, n, seconds)
 
 
 def workload_gflop(cfg: dict, n: int, input_len: int, output_len: int) -> tuple[float, float]:
@@ -119,7 +120,8 @@ def measure_peaks(threads: list[int]) -> dict[tuple[str, str, str, int], float]:
         torch.set_num_threads(t)
         for name, shape in (("prefill", PREFILL_SHAPE), ("decode", DECODE_SHAPE)):
             for dtype in (torch.float32, torch.bfloat16):
-                for lib, measure in (("torch", torch_gflops), ("onednn", onednn_gflops)):
+                for lib, measure in (("torch", torch_gflops), ("onednn", onednn_gflops),
+                                     ("zomni", zomni_gflops)):
                     key = (lib, str(dtype).removeprefix("torch."), name, t)
                     peaks[key] = measure(*shape, dtype)
                     print(f"  {lib:6s} {key[1]:8s} {name:7s} {shape} threads={t}: "
@@ -179,7 +181,7 @@ def main() -> None:
 
     def best(phase: str, t: int) -> float:
         return max(v for (_, dt, ph, th), v in peaks.items()
-                   if (dt, ph, th) == (args.dtype, phase, t))
+                   if (dt, ph, th) == (args.dtype, phase, t) and v == v)  # v == v: not NaN
 
     for t in threads:
         floor = pre / best("prefill", t) + sum(

@@ -1,5 +1,5 @@
-"""Paged attention: the head-major KV cache layout, the CPU decode paths (native kernel and
-gather + matmuls) against SDPA, and the choice of dtype for `dtype="auto"`."""
+"""Paged attention: the head-major KV cache layout, the CPU paths (native kernel, and gather +
+matmuls or SDPA) against SDPA per request, and the choice of dtype for `dtype="auto"`."""
 
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ def _reference(attn: Attention, q, tables, kv_lens):
 
 @pytest.fixture(params=["native", "gather"])
 def decode_path(request, monkeypatch):
-    """Runs a test with the native decode kernel, then with the torch gather path."""
-    if request.param == "native" and not native.has_paged_decode():
+    """Runs a test with the native kernel, then with the torch gather path."""
+    if request.param == "native" and not native.has_paged_attention():
         pytest.skip("no C compiler: the native kernel is not built")
     if request.param == "gather":
-        monkeypatch.setattr(native, "has_paged_decode", lambda *shape: False)
+        monkeypatch.setattr(native, "has_paged_attention", lambda *shape: False)
     return request.param
 
 
@@ -84,6 +84,27 @@ def test_sliding_window_decode_matches_reference(decode_path):
     finally:
         set_context(None)
     ref = _reference(attn, q, tables, [s + 1 for s in starts])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_mixed_step_matches_reference(decode_path, window):
+    """Prefill chunks (one after a cached prefix) and decodes in one step: every token attends
+    causally to its own request's KV, through the native kernel or the grouped gather path."""
+    torch.manual_seed(3)
+    attn = _attention_with_cache(torch.float32, window=window)
+    tables, starts, lens = [[3, 7, 11], [9], [5, 1, 2], [0, 6]], [0, 2, 4, 5], [6, 1, 5, 1]
+    md = build_attention_metadata(lens, starts, tables, block_size=BS)
+    total = sum(lens)
+    q, k, v = torch.randn(total, H, D), torch.randn(total, HKV, D), torch.randn(total, HKV, D)
+    set_context(md)
+    try:
+        with torch.inference_mode():
+            out = attn(q, k, v)
+    finally:
+        set_context(None)
+    rows = [(req, start + i) for req, (start, n) in enumerate(zip(starts, lens)) for i in range(n)]
+    ref = _reference(attn, q, [tables[req] for req, _ in rows], [pos + 1 for _, pos in rows])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 

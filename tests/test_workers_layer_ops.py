@@ -73,21 +73,23 @@ def test_qkv_rope_cache_matches_torch(qk_norm, tokens, heads, kv_heads, dim, mon
 
 
 @pytest.mark.parametrize("heads, kv_heads, dim", [(8, 4, 64), (8, 8, 128), (16, 4, 128)])
-def test_paged_decode_specialised_shapes_match_gather_path(heads, kv_heads, dim, monkeypatch):
-    """The kernel has unrolled code for head_dim 64/128 x GQA group 1/2/4; the torch gather
-    path is the reference."""
+def test_paged_attention_specialised_shapes_match_gather_path(heads, kv_heads, dim,
+                                                              monkeypatch):
+    """The kernel has unrolled code for head_dim 64/128 x GQA group 1/2/4, and a vector path
+    for whole 16-token blocks; the torch gather path is the reference. Decodes and a prefill
+    chunk, contexts ending mid-block and on a block boundary."""
     torch.manual_seed(2)
-    block_size, blocks = 4, 40
+    block_size, blocks = 16, 40
     attn = Attention(heads, kv_heads, dim, dim**-0.5)
     cache = torch.randn(2, blocks, kv_heads, block_size, dim)
     attn.k_cache, attn.v_cache = cache[0], cache[1]
-    tables, starts = [[3, 7, 8, 30], [9], [5, 1, 2, 11, 12, 13, 20]], [13, 2, 25]
-    q = torch.randn(3, heads, dim)
-    set_context(build_attention_metadata([1, 1, 1], starts, tables, block_size=block_size))
+    tables, starts, lens = [[3, 7, 8], [9, 30], [5, 1, 2, 11, 12, 13, 20]], [40, 0, 111], [1, 20, 1]
+    q = torch.randn(sum(lens), heads, dim)
+    set_context(build_attention_metadata(lens, starts, tables, block_size=block_size))
     try:
         with torch.inference_mode():
             out = attn.attend(q)
-            monkeypatch.setattr(native, "has_paged_decode", lambda *shape: False)
+            monkeypatch.setattr(native, "has_paged_attention", lambda *shape: False)
             reference = attn.attend(q)
     finally:
         set_context(None)

@@ -16,6 +16,9 @@ the request's positions 0 .. max_blocks * bs - 1 in order (see `AttentionGroup.g
 Padding (short block tables point at block 0, short queries repeat their last position) is
 removed by the mask `kv_position <= q_position`, which is also the causal mask. Padded query
 rows attend like the request's last token, so they stay finite; their outputs are dropped.
+
+The native CPU kernel needs no groups: token t reads its request's row of `block_tables`
+(`token_request[t]`) up to `token_kv_lens[t]`, for all tokens of the step in one call.
 """
 
 from __future__ import annotations
@@ -69,7 +72,17 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot written by each token
     groups: list[AttentionGroup]
     block_size: int
+    block_tables: torch.Tensor  # [R, max_blocks] every request's, padded with block 0
+    token_request: torch.Tensor  # [T] request (row of block_tables) of each token
     _write_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    _kv_lens: torch.Tensor | None = None
+
+    @property
+    def token_kv_lens(self) -> torch.Tensor:
+        """[T] KV length each token attends to: its position + 1 (causal)."""
+        if self._kv_lens is None:
+            self._kv_lens = self.positions + 1
+        return self._kv_lens
 
     def write_rows(self, num_kv_heads: int) -> torch.Tensor:
         """[T * Hkv] rows of the cache viewed as [num_blocks * Hkv * bs, D] that token t,
@@ -113,7 +126,9 @@ def build_attention_metadata(query_lens: list[int], num_computed: list[int],
               for sel in (is_decode, ~is_decode) if sel.any()]
     return AttentionMetadata(positions=torch.from_numpy(positions).to(device),
                              slot_mapping=torch.from_numpy(slots).to(device),
-                             groups=groups, block_size=block_size)
+                             groups=groups, block_size=block_size,
+                             block_tables=torch.from_numpy(table).to(device),
+                             token_request=torch.from_numpy(req_of_token).to(device))
 
 
 def _build_group(idx: np.ndarray, q_lens: np.ndarray, starts: np.ndarray, cu: np.ndarray,

@@ -152,8 +152,8 @@ class ModelRunner:
         self.dtype, why = resolve_dtype(engine.dtype, self.device, engine.model)
         logger.info("rank %d: dtype %s (%s)", self.rank, self.dtype, why)
         if self.device.type == "cpu" and self.dtype == "float32":  # built now, not mid-step
-            logger.info("rank %d: native paged decode attention %s", self.rank,
-                        "on" if native.has_paged_decode() else "off")
+            logger.info("rank %d: native paged attention %s", self.rank,
+                        "on" if native.has_paged_attention() else "off")
         self.torch_dtype = _DTYPES[self.dtype]
         self.max_num_batched_tokens = engine.max_num_batched_tokens or \
             default_max_num_batched_tokens(self.device.type, engine.online)

@@ -82,9 +82,9 @@ def _function(library: str, name: str, argtypes: tuple, restype=None):
     return fn
 
 
-def _paged_decode():
-    return _function("paged_attention", "zomni_paged_decode_f32",
-                     (_PTR,) * 6 + (_I64,) * 6 + (_F32, _I64), ctypes.c_int)
+def _paged_attention():
+    return _function("paged_attention", "zomni_paged_attention_f32",
+                     (_PTR,) * 7 + (_I64,) * 6 + (_F32, _I64), ctypes.c_int)
 
 
 def _rms_norm():
@@ -192,29 +192,31 @@ def gemm(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | Non
     return out.view(*x.shape[:-1], n)
 
 
-def has_paged_decode(num_heads: int = 1, num_kv_heads: int = 1, head_dim: int = 1) -> bool:
+def has_paged_attention(num_heads: int = 1, num_kv_heads: int = 1, head_dim: int = 1) -> bool:
     """Whether the kernel is built and takes this shape (GQA group <= 16, head_dim <= 256)."""
-    return (_paged_decode() is not None and num_heads // num_kv_heads <= 16
+    return (_paged_attention() is not None and num_heads // num_kv_heads <= 16
             and head_dim <= 256)
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float,
-                 window: int | None) -> torch.Tensor:
-    """Decode attention from the paged cache (fp32, CPU; see csrc/paged_attention.c).
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float,
+                    window: int | None, table_of_row: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query token per row from the paged cache (fp32, CPU; see
+    csrc/paged_attention.c): row b attends to its request's first kv_lens[b] positions.
 
-    q [B, H, D]; caches [num_blocks, Hkv, block_size, D]; block_tables [B, max_blocks] and
-    kv_lens [B] int64 -> [B, H, D].
+    q [B, H, D]; caches [num_blocks, Hkv, block_size, D]; kv_lens [B] int64; block_tables
+    [R, max_blocks] int64, row b reading table_of_row[b] ([B] int64; None: row b) -> [B, H, D].
     """
     q = q.contiguous()
     out = torch.empty_like(q)
     batch, heads, dim = q.shape
     _, kv_heads, block_size, _ = k_cache.shape
-    status = _paged_decode()(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                             block_tables.data_ptr(), kv_lens.data_ptr(), out.data_ptr(),
-                             batch, heads, kv_heads, dim, block_size, block_tables.shape[1],
-                             scale, window or 0)
+    status = _paged_attention()(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+        None if table_of_row is None else table_of_row.data_ptr(), kv_lens.data_ptr(),
+        out.data_ptr(), batch, heads, kv_heads, dim, block_size, block_tables.shape[1], scale,
+        window or 0)
     if status != 0:
-        raise ValueError(f"paged decode kernel: unsupported shape q {tuple(q.shape)}, "
+        raise ValueError(f"paged attention kernel: unsupported shape q {tuple(q.shape)}, "
                          f"cache {tuple(k_cache.shape)}")
     return out
