@@ -72,18 +72,22 @@ def test_qkv_rope_cache_matches_torch(qk_norm, tokens, heads, kv_heads, dim, mon
     assert not k_cache[untouched].any() and not v_cache[untouched].any()
 
 
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("requests", [[0, 1, 2], [0, 2]], ids=["rows", "heads"])
 @pytest.mark.parametrize("heads, kv_heads, dim", [(8, 4, 64), (8, 8, 128), (16, 4, 128)])
-def test_paged_attention_specialised_shapes_match_gather_path(heads, kv_heads, dim,
-                                                              monkeypatch):
+def test_paged_attention_specialised_shapes_match_gather_path(heads, kv_heads, dim, requests,
+                                                              block_size, monkeypatch):
     """The kernel has unrolled code for head_dim 64/128 x GQA group 1/2/4, and a vector path
-    for whole 16-token blocks; the torch gather path is the reference. Decodes and a prefill
-    chunk, contexts ending mid-block and on a block boundary."""
+    for 16 rows at a time; the torch gather path is the reference. Decodes and a prefill chunk
+    (tasks of whole rows), or two decodes (a task per KV head), contexts ending mid-block and
+    on a block boundary."""
     torch.manual_seed(2)
-    block_size, blocks = 16, 40
+    blocks = 40
     attn = Attention(heads, kv_heads, dim, dim**-0.5)
     cache = torch.randn(2, blocks, kv_heads, block_size, dim)
     attn.k_cache, attn.v_cache = cache[0], cache[1]
     tables, starts, lens = [[3, 7, 8], [9, 30], [5, 1, 2, 11, 12, 13, 20]], [40, 0, 111], [1, 20, 1]
+    tables, starts, lens = ([x[i] for i in requests] for x in (tables, starts, lens))
     q = torch.randn(sum(lens), heads, dim)
     set_context(build_attention_metadata(lens, starts, tables, block_size=block_size))
     try:

@@ -193,9 +193,10 @@ def gemm(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | Non
 
 
 def has_paged_attention(num_heads: int = 1, num_kv_heads: int = 1, head_dim: int = 1) -> bool:
-    """Whether the kernel is built and takes this shape (GQA group <= 16, head_dim <= 256)."""
+    """Whether the kernel is built and takes this shape (GQA group <= 16, head_dim <= 256,
+    KV heads <= 64)."""
     return (_paged_attention() is not None and num_heads // num_kv_heads <= 16
-            and head_dim <= 256)
+            and head_dim <= 256 and num_kv_heads <= 64)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

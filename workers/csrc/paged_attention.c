@@ -2,11 +2,19 @@
  *
  * One row per query token, decodes and prefill chunks alike: row b attends to the first
  * kv_lens[b] positions of its request (its own position + 1, so prefill rows are causal with no
- * masked work). Each (KV head, row) task reads that head's K and V runs once, block by block
- * through the block table, for all query heads of its GQA group: scores, softmax in fp32, the
- * weighted sum of V. No gathered copy of the context is made, so for decodes the KV crosses the
- * memory bus once instead of three times (gather read, gather write, matmul read); the rows of
- * a prefill chunk, taken head by head, find their request's K and V in L2.
+ * masked work). A task reads the K and V of its row's request once, block by block through the
+ * block table, for all query heads of its KV heads: scores, softmax in fp32, the weighted sum
+ * of V. No gathered copy of the context is made, so for decodes the KV crosses the memory bus
+ * once instead of three times (gather read, gather write, matmul read).
+ *
+ * Decode attention is bound by how fast scattered KV blocks stream in, and short runs stream
+ * slowly: the hardware prefetcher starts over at each 4 KB page. Reading 4 KB runs at random
+ * reached ~15 GB/s on 2 cores here against ~40 GB/s for 64 KB runs. So a task takes all KV heads
+ * of a row when there are rows enough to share out, reading each block's heads in the order
+ * they lie in memory (one run of Hkv * block_size * D floats), and fetches the next 16 rows
+ * ahead in software. Batch 64, context 192, 8 layers of the `small` shape: 12.2 ms with a task
+ * per (row, head) and 16-token blocks, 11.8 with whole rows, 7.8 with whole rows and 64-token
+ * blocks (the CPU default); Qwen3-0.6B shape, batch 16, context 256: 53.8 -> 27.9 ms.
  *
  * Layouts (contiguous, as workers/attention.py holds them):
  *   q, out          [B, H, D]
@@ -20,6 +28,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
+#include <omp.h>
 
 /* glibc's libmvec has vector expf; math.h only announces it under -ffast-math, which would
  * also set flush-to-zero for the whole process when this library loads. Announce it here. */
@@ -28,6 +37,7 @@ extern float expf(float);
 
 #define MAX_GROUP 16
 #define MAX_DIM 256
+#define MAX_KV_HEADS 64
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -65,108 +75,123 @@ static inline __attribute__((always_inline)) __m512 dot16(const float *restrict 
 }
 #endif
 
-/* One (request, KV head). Inlined per head_dim so that D is a constant for the compiler. */
+/* One row, KV heads kh0 .. kh0 + nh - 1 with the query heads of their groups. Inlined per
+ * head_dim and group so that those are constants for the compiler. */
 static inline __attribute__((always_inline)) void attend(
     const float *restrict q, const float *restrict k_cache, const float *restrict v_cache,
-    const int64_t *restrict table, int64_t start, int64_t len, int64_t kh, int64_t Hkv,
-    int64_t block_size, const int64_t D, const int64_t group, float scale, float *restrict scores,
-    float *restrict out) {
-    const int64_t n = len - start;
-    const int64_t run = Hkv * block_size * D; /* from one block to the next, same head */
+    const int64_t *restrict table, int64_t start, int64_t len, int64_t kh0, int64_t nh,
+    int64_t Hkv, int64_t block_size, const int64_t D, const int64_t group, float scale,
+    float *restrict scores, float *restrict acc, float *restrict out) {
+    const int64_t n = len - start, heads = nh * group;
+    const int64_t run = Hkv * block_size * D; /* from one block to the next */
 
-    for (int64_t t = start; t < len;) { /* scores, one block run at a time */
-        const int64_t blk = t / block_size, stop = (blk + 1) * block_size < len
-                                                       ? (blk + 1) * block_size : len;
-        const float *k = k_cache + table[blk] * run + (kh * block_size + t % block_size) * D;
-        /* the next run is elsewhere in memory: fetch it while this one computes */
-        const float *next = stop < len ? k_cache + table[blk + 1] * run + kh * block_size * D
-                                       : k;
+    for (int64_t t0 = start; t0 < len;) { /* scores */
+        const int64_t blk = t0 / block_size, stop = (blk + 1) * block_size < len
+                                                        ? (blk + 1) * block_size : len;
+        const float *base = k_cache + table[blk] * run + (t0 % block_size) * D;
+        for (int64_t h = 0; h < nh; h++) {
+            const float *k = base + (kh0 + h) * block_size * D;
+            const float *qh = q + h * group * D;
+            float *sh = scores + h * group * n - start;
+            int64_t t = t0;
 #ifdef __AVX512F__
-        if (block_size == 16 && D % 16 == 0 && stop - t == 16) { /* a whole block */
-            for (int64_t line = 0; line < 16 * D; line += 16) __builtin_prefetch(next + line);
-            const __m512 s = _mm512_set1_ps(scale);
-            for (int64_t g = 0; g < group; g++)
-                _mm512_storeu_ps(scores + g * n + (t - start),
-                                 _mm512_mul_ps(dot16(k, q + g * D, D), s));
-            t = stop;
-            continue;
-        }
-#endif
-        for (; t < stop; t++, k += D, next += D) {
-            for (int64_t line = 0; line < D; line += 16) __builtin_prefetch(next + line);
-            for (int64_t g = 0; g < group; g++) {
-                const float *qg = q + g * D;
-                float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t d = 0; d < D; d++) s += qg[d] * k[d];
-                scores[g * n + (t - start)] = s * scale;
+            if (D % 16 == 0) {
+                const __m512 s = _mm512_set1_ps(scale);
+                for (; stop - t >= 16; t += 16, k += 16 * D) {
+                    /* 16 rows on: this head's, the next head's, the next block's or V's */
+                    const float *next =
+                        stop - t >= 32 ? k + 16 * D
+                        : h + 1 < nh   ? base + (kh0 + h + 1) * block_size * D
+                        : stop < len   ? k_cache + table[blk + 1] * run + kh0 * block_size * D
+                                       : v_cache + table[start / block_size] * run +
+                                           (kh0 * block_size + start % block_size) * D;
+                    for (int64_t line = 0; line < 16 * D; line += 16)
+                        __builtin_prefetch(next + line);
+                    for (int64_t g = 0; g < group; g++)
+                        _mm512_storeu_ps(sh + g * n + t, _mm512_mul_ps(dot16(k, qh + g * D, D), s));
+                }
             }
+#endif
+            for (; t < stop; t++, k += D)
+                for (int64_t g = 0; g < group; g++) {
+                    const float *qg = qh + g * D;
+                    float x = 0.0f;
+#pragma omp simd reduction(+ : x)
+                    for (int64_t d = 0; d < D; d++) x += qg[d] * k[d];
+                    sh[g * n + t] = x * scale;
+                }
         }
+        t0 = stop;
     }
 
-    float inv[MAX_GROUP];
-    for (int64_t g = 0; g < group; g++) {
-        float *sg = scores + g * n;
-        float m = sg[0];
-        for (int64_t i = 1; i < n; i++) m = sg[i] > m ? sg[i] : m;
+    float inv[MAX_GROUP * MAX_KV_HEADS];
+    for (int64_t i = 0; i < heads; i++) {
+        float *si = scores + i * n;
+        float m = si[0];
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 1; j < n; j++) m = si[j] > m ? si[j] : m;
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < n; i++) {
-            sg[i] = expf(sg[i] - m);
-            sum += sg[i];
+        for (int64_t j = 0; j < n; j++) {
+            si[j] = expf(si[j] - m);
+            sum += si[j];
         }
-        inv[g] = 1.0f / sum;
+        inv[i] = 1.0f / sum;
     }
 
-    float acc[MAX_GROUP * MAX_DIM];
-    for (int64_t i = 0; i < group * D; i++) acc[i] = 0.0f;
-    for (int64_t t = start; t < len;) {
-        const int64_t blk = t / block_size, stop = (blk + 1) * block_size < len
-                                                       ? (blk + 1) * block_size : len;
-        const float *v = v_cache + table[blk] * run + (kh * block_size + t % block_size) * D;
-        const float *next = stop < len ? v_cache + table[blk + 1] * run + kh * block_size * D
-                                       : v;
-        for (; t < stop; t++, v += D, next += D) {
-            for (int64_t line = 0; line < D; line += 16) __builtin_prefetch(next + line);
-            for (int64_t g = 0; g < group; g++) {
-                const float p = scores[g * n + (t - start)];
-                float *ag = acc + g * D;
+    for (int64_t i = 0; i < heads * D; i++) acc[i] = 0.0f;
+    for (int64_t t0 = start; t0 < len;) { /* the weighted sum of V */
+        const int64_t blk = t0 / block_size, stop = (blk + 1) * block_size < len
+                                                        ? (blk + 1) * block_size : len;
+        const float *base = v_cache + table[blk] * run + (t0 % block_size) * D;
+        for (int64_t h = 0; h < nh; h++) {
+            const float *v = base + (kh0 + h) * block_size * D;
+            const float *ph = scores + h * group * n - start;
+            float a[MAX_GROUP * MAX_DIM]; /* with constant shapes, registers */
+            for (int64_t i = 0; i < group * D; i++) a[i] = acc[h * group * D + i];
+            for (int64_t t = t0; t < stop; t++, v += D)
+                for (int64_t g = 0; g < group; g++) {
+                    const float p = ph[g * n + t];
 #pragma omp simd
-                for (int64_t d = 0; d < D; d++) ag[d] += p * v[d];
-            }
+                    for (int64_t d = 0; d < D; d++) a[g * D + d] += p * v[d];
+                }
+            for (int64_t i = 0; i < group * D; i++) acc[h * group * D + i] = a[i];
         }
+        t0 = stop;
     }
-    for (int64_t g = 0; g < group; g++)
-        for (int64_t d = 0; d < D; d++) out[g * D + d] = acc[g * D + d] * inv[g];
+    for (int64_t i = 0; i < heads; i++)
+        for (int64_t d = 0; d < D; d++) out[i * D + d] = acc[i * D + d] * inv[i];
 }
 
-/* Returns 0, or -1 when group or head_dim exceed the stack buffers (nothing is written). */
+/* Returns 0, or -1 when group, head_dim or KV heads exceed the buffers (nothing is written). */
 int zomni_paged_attention_f32(const float *q, const float *k_cache, const float *v_cache,
                               const int64_t *block_tables, const int64_t *table_of_row,
                               const int64_t *kv_lens, float *out, int64_t B, int64_t H,
                               int64_t Hkv, int64_t D, int64_t block_size, int64_t max_blocks,
                               float scale, int64_t window) {
     const int64_t group = H / Hkv;
-    if (group > MAX_GROUP || D > MAX_DIM) return -1;
+    if (group > MAX_GROUP || D > MAX_DIM || Hkv > MAX_KV_HEADS) return -1;
     int64_t max_len = 1;
     for (int64_t b = 0; b < B; b++)
         if (kv_lens[b] > max_len) max_len = kv_lens[b];
 
+    /* whole rows (all KV heads) when there are enough to share out; else a task per (head, row) */
+    const int64_t nh = B >= 4 * omp_get_max_threads() ? Hkv : 1, splits = Hkv / nh;
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * group * max_len);
+        float *scores = malloc(sizeof(float) * H * max_len);
+        float *acc = malloc(sizeof(float) * H * D);
 #pragma omp for collapse(2) schedule(dynamic, 1)
-        for (int64_t kh = 0; kh < Hkv; kh++) {
+        for (int64_t c = 0; c < splits; c++) {
             for (int64_t b = 0; b < B; b++) {
-                const int64_t len = kv_lens[b];
+                const int64_t kh = c * nh, len = kv_lens[b];
                 const int64_t start = (window > 0 && len > window) ? len - window : 0;
                 const float *qh = q + (b * H + kh * group) * D;
                 float *oh = out + (b * H + kh * group) * D;
                 const int64_t *table =
                     block_tables + (table_of_row ? table_of_row[b] : b) * max_blocks;
-                /* constant shapes let the compiler keep q and the accumulators in registers */
-#define ATTEND(DIM, GROUP) attend(qh, k_cache, v_cache, table, start, len, kh, Hkv, \
-                                  block_size, DIM, GROUP, scale, scores, oh)
+#define ATTEND(DIM, GROUP) attend(qh, k_cache, v_cache, table, start, len, kh, nh, Hkv, \
+                                  block_size, DIM, GROUP, scale, scores, acc, oh)
                 if (D == 64 && group == 1) ATTEND(64, 1);
                 else if (D == 64 && group == 2) ATTEND(64, 2);
                 else if (D == 64 && group == 4) ATTEND(64, 4);
@@ -178,6 +203,7 @@ int zomni_paged_attention_f32(const float *q, const float *k_cache, const float 
             }
         }
         free(scores);
+        free(acc);
     }
     return 0;
 }
