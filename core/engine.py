@@ -82,6 +82,7 @@ class EngineCore:
             raise
         self.info.dtype = self.executor.dtype
         config.max_num_batched_tokens = self.executor.max_num_batched_tokens
+        config.block_size = self.executor.block_size
         self.scheduler = Scheduler(config, self.executor.num_kv_blocks, self.info.max_model_len,
                                    self.info.eos_token_ids)
         self.in_flight: collections.deque[SchedulerOutput] = collections.deque()

@@ -151,6 +151,7 @@ class Executor:
         self.weight_bytes = [r.weight_bytes for r in sorted(ready, key=lambda r: r.rank)]
         self.dtype = ready[0].dtype
         self.max_num_batched_tokens = ready[0].max_num_batched_tokens
+        self.block_size = ready[0].block_size
 
     def _wait_ready(self, timeout: float, on_idle: Callable[[], None]) -> list[WorkerReady]:
         ready: dict[int, WorkerReady] = {}

@@ -33,7 +33,7 @@ _ENGINE_HELP = {
     "dtype": "auto | float32 | bfloat16 | float16",
     "device": "auto | cpu | cuda",
     "max_model_len": "context length to serve (default: the model's)",
-    "block_size": "tokens per KV-cache block",
+    "block_size": "tokens per KV-cache block (default: 64 on a CPU, 16 on a GPU)",
     "kv_cache_memory_gb": "KV-cache memory per worker, in GiB",
     "num_kv_blocks": "KV-cache blocks per worker (overrides --kv-cache-memory-gb)",
     "max_num_seqs": "most requests running at once",

@@ -23,7 +23,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
     max_model_len: int | None = None
-    block_size: int = 16
+    block_size: int | None = None  # None: `default_block_size`
     kv_cache_memory_gb: float = 2.0  # per worker; the number of blocks follows from it
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb (tests use it)
     max_num_seqs: int = 128
@@ -72,6 +72,18 @@ def default_max_num_batched_tokens(device_type: str, online: bool) -> int:
     if device_type != "cpu":
         return 2048 if online else 8192
     return 128 if online else 1024
+
+
+def default_block_size(device_type: str) -> int:
+    """Tokens per KV-cache block when none is given, for the device the workers run on.
+
+    On a CPU, decode attention streams each request's blocks from memory, and short runs
+    stream slowly (see workers/csrc/paged_attention.c): 64-token blocks read ~1.5x faster than
+    16-token ones at batch 64 (`small` shape), ~1.9x on the Qwen3-0.6B shape; 128 was no
+    faster than 64. Prefix-cache hits come in whole blocks, so smaller stays better elsewhere.
+    GPUs take vLLM's 16.
+    """
+    return 64 if device_type == "cpu" else 16
 
 
 class WorkerConfig(msgspec.Struct, kw_only=True):

@@ -156,6 +156,7 @@ class WorkerReady(_Msg):
     weight_bytes: int  # bytes of this rank's parameters (about 1/N of the model under TP)
     dtype: str  # the dtype the worker resolved "auto" to
     max_num_batched_tokens: int  # the step budget it resolved (default per device)
+    block_size: int = 16  # tokens per KV-cache block it resolved (default per device)
 
 
 class NewRequestData(_Msg):

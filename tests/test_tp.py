@@ -38,7 +38,7 @@ def random_prompts(n: int, lengths: list[int], seed: int, vocab: int = 500) -> l
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 # A 64-token budget splits the longer prompts into chunks that share steps with decodes.
-CONFIG = dict(num_kv_blocks=256, max_num_batched_tokens=64)
+CONFIG = dict(num_kv_blocks=256, block_size=16, max_num_batched_tokens=64)
 SINGLE = random_prompts(1, [13], seed=11)
 BATCH = random_prompts(8, [5, 17, 33, 2, 48, 9, 26, 71], seed=12)
 
@@ -107,7 +107,7 @@ def test_weights_and_kv_split_and_concurrent_rendezvous(llama_dir):
     layers = model.attention_layers()
     tp1_block_bytes = 2 * 16 * layers[0].num_kv_heads * layers[0].head_dim * len(layers) * 4
     budget_gb = 0.001
-    config = EngineConfig(model=str(llama_dir), tensor_parallel_size=2,
+    config = EngineConfig(model=str(llama_dir), tensor_parallel_size=2, block_size=16,
                           kv_cache_memory_gb=budget_gb, num_threads=1)
     results: list[Executor | BaseException] = []
 

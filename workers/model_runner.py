@@ -34,7 +34,7 @@ from zomni.proto import (
     TokenLogprobs,
     WorkerConfig,
 )
-from zomni.proto.config import default_max_num_batched_tokens
+from zomni.proto.config import default_block_size, default_max_num_batched_tokens
 from zomni.proto.model_info import read_model_info
 from zomni.workers import native
 from zomni.workers.context import AttentionMetadata, build_attention_metadata, set_context
@@ -168,7 +168,7 @@ class ModelRunner:
         self.vocab_size = self.hf_config.vocab_size
         self.eos_token_ids = read_model_info(engine.model).eos_token_ids
 
-        self.block_size = engine.block_size
+        self.block_size = engine.block_size or default_block_size(self.device.type)
         self.num_kv_blocks = self._num_kv_blocks(engine.num_kv_blocks, engine.kv_cache_memory_gb)
         self._allocate_kv_cache()
         self.sampler = Sampler(engine.seed, self.device)

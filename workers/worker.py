@@ -110,7 +110,7 @@ def _start(sock: zmq.Socket, config: WorkerConfig) -> ModelRunner:
                 runner.weight_bytes / 2**20, runner.load_time_s, time.perf_counter() - start)
     sock.send_multipart(encode(MsgType.WORKER_READY, WorkerReady(
         config.rank, runner.num_kv_blocks, runner.weight_bytes, runner.dtype,
-        runner.max_num_batched_tokens)))
+        runner.max_num_batched_tokens, runner.block_size)))
     return runner
 
 
