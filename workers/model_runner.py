@@ -16,11 +16,13 @@ broadcast so every rank's token_ids stay identical, and other ranks return None.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
 import mmap
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,9 +125,8 @@ def resolve_dtype(dtype: str, device: torch.device, model_dir: str = "") -> tupl
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zeroed tensor. On the CPU its memory is an anonymous mmap, which the kernel zeroes on
-    first touch: writing zeros into a 2 GiB KV cache took 2-3 s of start-up, and blocks never
-    used cost nothing.
+    """A zeroed tensor. On the CPU its memory is an anonymous mmap, which the kernel zeroes as
+    its pages fault in: writing zeros into a 2 GiB KV cache took 2-3 s of start-up.
 
     No huge pages here, unlike the workers' malloc: Python's anonymous mmap is shared memory,
     which transparent huge pages do not back by default. A private, THP-backed cache measured
@@ -137,6 +138,34 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
         return torch.zeros(shape, dtype=dtype, device=device)
     buffer = mmap.mmap(-1, max(1, math.prod(shape)) * dtype.itemsize)
     return torch.frombuffer(buffer, dtype=dtype)[: math.prod(shape)].view(shape)
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_POPULATE_CHUNK = 64 << 20
+
+
+def _populate(tensor: torch.Tensor) -> threading.Thread:
+    """Fault in the pages of a CPU tensor on a thread (ctypes releases the GIL for madvise).
+
+    A KV page first written mid-step costs a fault of ~5 us per 4 KiB: on the Qwen3-0.6B shape
+    at batch 16 the K/V writes took 12.6 ms of a 150 ms decode step, 2.0 ms with the pages in.
+    Faulting in 2 GiB takes ~1.2 s; the first step waits for it (`execute_model`), so it
+    overlaps the rest of start-up rather than forward passes. Where the kernel lacks the advice,
+    pages fault in on first use, as before.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+
+    def run() -> None:
+        for offset in range(0, size, _POPULATE_CHUNK):
+            length = min(_POPULATE_CHUNK, size - offset)
+            if libc.madvise(start + offset, length, _MADV_POPULATE_WRITE) != 0:
+                return
+
+    thread = threading.Thread(target=run, name="kv-populate", daemon=True)
+    thread.start()
+    return thread
 
 
 class ModelRunner:
@@ -203,6 +232,7 @@ class ModelRunner:
                                self.device)
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        self._populating = _populate(self.kv_cache) if self.device.type == "cpu" else None
 
     @torch.inference_mode()
     def _warm_up(self, num_tokens: int) -> None:
@@ -224,6 +254,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, plan: SchedulerOutput) -> ModelRunnerOutput | None:
+        if self._populating is not None:
+            self._populating.join()
+            self._populating = None
         self._update_states(plan)
         if not plan.num_scheduled_tokens:
             return ModelRunnerOutput(plan.step_id, [], []) if self.rank == 0 else None
