@@ -37,7 +37,7 @@ _ENGINE_HELP = {
     "kv_cache_memory_gb": "KV-cache memory per worker, in GiB",
     "num_kv_blocks": "KV-cache blocks per worker (overrides --kv-cache-memory-gb)",
     "max_num_seqs": "most requests running at once",
-    "max_num_batched_tokens": "token budget of one engine step (default: 128 on a CPU, "
+    "max_num_batched_tokens": "token budget of one engine step (default: 192 on a CPU, "
                               "2048 on a GPU; 1024 / 8192 with --no-online)",
     "max_waiting_requests": "bound of the engine's waiting queue; beyond it: HTTP 429",
     "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",

@@ -63,15 +63,18 @@ def default_max_num_batched_tokens(device_type: str, online: bool) -> int:
 
     A step's matmuls stay compute-bound from ~128 tokens on a CPU, so there the budget trades
     TTFT against per-step overhead. Online, small steps let arriving prompts start sooner and
-    keep decodes moving. Workload W at concurrency 16 on 2 cores, fresh servers paired:
-    128 tokens gave 916-981 tok/s and TTFT p50 142-154 ms, 256 gave 870-925 and 205-222 ms,
-    512 ~880 and 250-290 ms, 1024 ~800 and 330-390 ms. 1024-token prompts at concurrency 4
-    ranked the same (TTFT p50 442-481 / 546-611 / 778-913 ms at 128 / 256 / 512). Offline,
-    where only throughput counts, 256 was ~15% slower than 1024. GPUs take vLLM's defaults.
+    keep decodes moving, but a step should still hold the running decodes and a whole typical
+    prompt: split over two steps, a prompt costs an extra step for every request waiting on it.
+    Workload W (128-token prompts) at concurrency 16 on 2 cores, fresh servers, two runs each:
+    128 tokens gave 861-883 tok/s and TTFT p50 183-189 ms, 192 gave 956-994 and 199-205 ms, 256
+    918-1002 and 221-254 ms, 512 985-998 and 321 ms; inter-token latency p50 fell from 12.6-13.1
+    to 11.4-12.1 ms from 128 to 192. 1024-token prompts at concurrency 4: TTFT p50 533-547 ms at
+    128, 537 at 192. Offline, where only throughput counts, 256 was ~15% slower than 1024. GPUs
+    take vLLM's defaults.
     """
     if device_type != "cpu":
         return 2048 if online else 8192
-    return 128 if online else 1024
+    return 192 if online else 1024
 
 
 def default_block_size(device_type: str) -> int:

@@ -13,7 +13,7 @@ from http_utils import Proc, scripted_model, zomni_cmd
 from zomni._process import free_port
 from zomni.frontend import cli
 from zomni.frontend.launch import make_config
-from zomni.proto.config import default_max_num_batched_tokens
+from zomni.proto.config import default_block_size, default_max_num_batched_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,8 @@ def test_servers_default_to_online_and_budgets_follow_device_and_use(tmp_path, m
     assert not cli._engine_config(parser.parse_args(["serve", str(tmp_path)])).online
     assert [default_max_num_batched_tokens(device, online) for device, online in
             [("cpu", True), ("cpu", False), ("cuda", True), ("cuda", False)]] == [
-        128, 1024, 2048, 8192]
+        192, 1024, 2048, 8192]
+    assert [default_block_size(device) for device in ("cpu", "cuda")] == [64, 16]
 
 
 def test_bad_model_is_a_clear_error(tmp_path):
