@@ -82,21 +82,25 @@ def _function(library: str, name: str, argtypes: tuple, restype=None):
     return fn
 
 
+@cache  # once: these run per layer, every step
 def _paged_attention():
     return _function("paged_attention", "zomni_paged_attention_f32",
                      (_PTR,) * 7 + (_I64,) * 6 + (_F32, _I64), ctypes.c_int)
 
 
+@cache
 def _rms_norm():
     return _function("layer_ops", "zomni_rms_norm_f32", (_PTR,) * 3 + (_I64,) * 3 + (_F32,))
 
 
+@cache
 def _qkv_rope_cache():
     return _function("layer_ops", "zomni_qkv_rope_cache_f32",
                      (_PTR, _I64, _I64, _I64, _I64, _I64) + (_PTR,) * 4 + (_F32,) + (_PTR,) * 4,
                      ctypes.c_int)
 
 
+@cache
 def _gemm():
     if not _function("gemm", "zomni_gemm_available", (), ctypes.c_int)():
         return None
