@@ -68,3 +68,15 @@ def test_serve_script_stops_cleanly_on_sigint(tmp_path_factory, tmp_path):
         assert not alive
     finally:
         proc.kill()
+
+
+def test_profile_steps_script_reports_each_part(llama_dir):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_steps.py"),
+                          "--model", str(llama_dir), "-n", "3", "--input-len", "20",
+                          "--output-len", "5", "--max-num-batched-tokens", "32",
+                          "--kv-cache-gb", "0.01"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for line in ("decode-only steps: 4 steps", "steps with prompt tokens:", "gemm", "attention",
+                 "layer ops", "sampler", "rest"):
+        assert line in out.stdout, out.stdout
