@@ -23,6 +23,7 @@ The native CPU kernel needs no groups: token t reads its request's row of `block
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,12 +71,21 @@ class AttentionGroup:
 class AttentionMetadata:
     positions: torch.Tensor  # [T] position of each token of the flat batch
     slot_mapping: torch.Tensor  # [T] cache slot written by each token
-    groups: list[AttentionGroup]
     block_size: int
     block_tables: torch.Tensor  # [R, max_blocks] every request's, padded with block 0
     token_request: torch.Tensor  # [T] request (row of block_tables) of each token
+    build_groups: Callable[[], list[AttentionGroup]]
+    _groups: list[AttentionGroup] | None = None
     _write_rows: dict[int, torch.Tensor] = field(default_factory=dict)
     _kv_lens: torch.Tensor | None = None
+
+    @property
+    def groups(self) -> list[AttentionGroup]:
+        """Decodes, then prefill chunks (each present only when the step has some): built on
+        first use, since the native CPU kernel needs none."""
+        if self._groups is None:
+            self._groups = self.build_groups()
+        return self._groups
 
     @property
     def token_kv_lens(self) -> torch.Tensor:
@@ -121,14 +131,17 @@ def build_attention_metadata(query_lens: list[int], num_computed: list[int],
         table[i, :needed] = blocks[:needed]
     slots = table[req_of_token, positions // block_size] * block_size + positions % block_size
 
-    is_decode = q_lens == 1
-    groups = [_build_group(np.nonzero(sel)[0], q_lens, starts, cu, table, block_size, device)
-              for sel in (is_decode, ~is_decode) if sel.any()]
+    def build_groups() -> list[AttentionGroup]:
+        is_decode = q_lens == 1
+        return [_build_group(np.nonzero(sel)[0], q_lens, starts, cu, table, block_size, device)
+                for sel in (is_decode, ~is_decode) if sel.any()]
+
     return AttentionMetadata(positions=torch.from_numpy(positions).to(device),
                              slot_mapping=torch.from_numpy(slots).to(device),
-                             groups=groups, block_size=block_size,
+                             block_size=block_size,
                              block_tables=torch.from_numpy(table).to(device),
-                             token_request=torch.from_numpy(req_of_token).to(device))
+                             token_request=torch.from_numpy(req_of_token).to(device),
+                             build_groups=build_groups)
 
 
 def _build_group(idx: np.ndarray, q_lens: np.ndarray, starts: np.ndarray, cu: np.ndarray,

@@ -3,7 +3,8 @@
 The inverse frequencies come from transformers' `ROPE_INIT_FUNCTIONS` applied to the HF config,
 so every scaling it knows (linear, llama3, yarn, longrope) matches the reference; `dynamic`
 rescales with the sequence length, which a paged batch of mixed lengths cannot follow, so it is
-refused. cos/sin are computed once per forward for the step's positions and shared by all layers.
+refused. cos/sin are computed once for every position the model takes (as vLLM's cos_sin_cache)
+and a step's rows are picked out of them, shared by all layers.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class RotaryEmbedding(nn.Module):
         if inv_freq.numel() * 2 != head_dim:
             raise ValueError("partial rotary embeddings are not supported")
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.max_positions = getattr(config, "max_position_embeddings", None) or 2048
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """cos, sin of shape [num_tokens, head_dim] for `positions` [num_tokens]."""
@@ -53,10 +56,16 @@ class RotaryEmbedding(nn.Module):
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """cos and signed sin [num_tokens, 1, head_dim] for `apply_rotary`."""
-        cos, sin = self(positions, dtype)
-        half = sin.shape[-1] // 2
-        return cos[:, None, :], torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]
+        """cos and signed sin [num_tokens, 1, head_dim] for `apply_rotary`: rows of tables for
+        positions 0 .. max_position_embeddings - 1, computed on first use in one call, as HF
+        computes a whole sequence's (a decode step's seven small ops become two indexings)."""
+        cached = self._tables
+        if cached is None or cached[0].dtype != dtype or cached[0].device != positions.device:
+            every = torch.arange(self.max_positions, device=positions.device)
+            cos, sin = self(every, dtype)
+            half = sin.shape[-1] // 2
+            cached = self._tables = (cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1))
+        return cached[0][positions][:, None, :], cached[1][positions][:, None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
