@@ -113,8 +113,8 @@ _EPILOGUES = {"none": 0, "silu": 1, "mul": 2, "add": 3}
 _PANEL = 16  # output columns per panel (csrc/gemm.c)
 
 
-def _fp32_cpu(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+def _fp32_cpu(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu"
 
 
 def has_layer_ops(x: torch.Tensor, head_dim: int = 2) -> bool:
@@ -125,14 +125,14 @@ def has_layer_ops(x: torch.Tensor, head_dim: int = 2) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF RMSNorm over the last dim of x [..., dim]; a new contiguous tensor."""
-    dim = x.shape[-1]
-    rows = x.reshape(-1, dim)
+    flat = x.dim() != 2
+    rows = x.reshape(-1, x.shape[-1]) if flat else x
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(rows.shape, dtype=x.dtype)
-    _rms_norm()(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], dim,
-                rows.stride(0), eps)
-    return out.view(x.shape)
+    _rms_norm()(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0],
+                rows.shape[1], rows.stride(0), eps)
+    return out.view(x.shape) if flat else out
 
 
 def qkv_rope_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor,
@@ -178,22 +178,27 @@ def gemm(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | Non
          epilogue: str = "none", other: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ W.T (+ bias) for W packed by `pack_panels` with `n` rows, then `epilogue`:
     "none", "silu", or "mul" / "add" with `other` [..., n]. A new tensor [..., n]."""
+    # Called ~5 times a layer every step: the common 2-D case skips reshapes and views.
     k = panels.shape[1]
-    rows = x.reshape(-1, k)
+    flat = x.dim() != 2
+    rows = x.reshape(-1, k) if flat else x
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], n, dtype=x.dtype)
-    ld_other, bias = 0, None if bias is None else bias.contiguous()
+    ld_other = 0
     if other is not None:
-        other = other.reshape(-1, n)
+        if other.dim() != 2:
+            other = other.reshape(-1, n)
         if other.stride(-1) != 1:
             other = other.contiguous()
         ld_other = other.stride(0)
+    if bias is not None:
+        bias = bias.contiguous()
     _gemm()(rows.data_ptr(), rows.stride(0), panels.data_ptr(),
             None if bias is None else bias.data_ptr(), out.data_ptr(), n,
             None if other is None else other.data_ptr(), ld_other, rows.shape[0], n, k,
             _EPILOGUES[epilogue])
-    return out.view(*x.shape[:-1], n)
+    return out.view(*x.shape[:-1], n) if flat else out
 
 
 def has_paged_attention(num_heads: int = 1, num_kv_heads: int = 1, head_dim: int = 1) -> bool:
