@@ -74,11 +74,13 @@ def test_qkv_rope_cache_matches_torch(qk_norm, tokens, heads, kv_heads, dim, mon
 
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("requests", [[0, 1, 2], [0, 2]], ids=["rows", "heads"])
-@pytest.mark.parametrize("heads, kv_heads, dim", [(8, 4, 64), (8, 8, 128), (16, 4, 128)])
+@pytest.mark.parametrize("heads, kv_heads, dim",
+                         [(8, 4, 64), (8, 8, 128), (16, 4, 128), (12, 4, 64), (16, 1, 64)])
 def test_paged_attention_specialised_shapes_match_gather_path(heads, kv_heads, dim, requests,
                                                               block_size, monkeypatch):
     """The kernel has unrolled code for head_dim 64/128 x GQA group 1/2/4, and a vector path
-    for 16 rows at a time; the torch gather path is the reference. Decodes and a prefill chunk
+    for 16 scores at a time (16 / group rows x the group's heads when the group divides 16,
+    else 16 rows a head); the torch gather path is the reference. Decodes and a prefill chunk
     (tasks of whole rows), or two decodes (a task per KV head), contexts ending mid-block and
     on a block boundary."""
     torch.manual_seed(2)
