@@ -108,7 +108,8 @@ def test_mixed_step_matches_reference(decode_path, window):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_decode_uses_matmul_path_close_to_fp32():
+def test_bf16_decode_close_to_fp32(decode_path):
+    """bf16 caches: the native kernel (computing in fp32), or the gather + matmul path."""
     torch.manual_seed(1)
     attn = _attention_with_cache(torch.bfloat16)
     tables, starts = [[3, 7], [9, 4]], [6, 4]

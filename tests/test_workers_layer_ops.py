@@ -72,31 +72,36 @@ def test_qkv_rope_cache_matches_torch(qk_norm, tokens, heads, kv_heads, dim, mon
     assert not k_cache[untouched].any() and not v_cache[untouched].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("requests", [[0, 1, 2], [0, 2]], ids=["rows", "heads"])
 @pytest.mark.parametrize("heads, kv_heads, dim",
                          [(8, 4, 64), (8, 8, 128), (16, 4, 128), (12, 4, 64), (16, 1, 64)])
 def test_paged_attention_specialised_shapes_match_gather_path(heads, kv_heads, dim, requests,
-                                                              block_size, monkeypatch):
+                                                              block_size, dtype, monkeypatch):
     """The kernel has unrolled code for head_dim 64/128 x GQA group 1/2/4, and a vector path
     for 16 scores at a time (16 / group rows x the group's heads when the group divides 16,
-    else 16 rows a head); the torch gather path is the reference. Decodes and a prefill chunk
-    (tasks of whole rows), or two decodes (a task per KV head), contexts ending mid-block and
-    on a block boundary."""
+    else 16 rows a head), over fp32 or bf16 caches; the torch gather path in fp32 is the
+    reference. Decodes and a prefill chunk (tasks of whole rows), or two decodes (a task per KV
+    head), contexts ending mid-block and on a block boundary."""
     torch.manual_seed(2)
     blocks = 40
-    attn = Attention(heads, kv_heads, dim, dim**-0.5)
-    cache = torch.randn(2, blocks, kv_heads, block_size, dim)
-    attn.k_cache, attn.v_cache = cache[0], cache[1]
+    cache = torch.randn(2, blocks, kv_heads, block_size, dim).to(dtype)
     tables, starts, lens = [[3, 7, 8], [9, 30], [5, 1, 2, 11, 12, 13, 20]], [40, 0, 111], [1, 20, 1]
     tables, starts, lens = ([x[i] for i in requests] for x in (tables, starts, lens))
-    q = torch.randn(sum(lens), heads, dim)
+    q = torch.randn(sum(lens), heads, dim).to(dtype)
+    outs = []
     set_context(build_attention_metadata(lens, starts, tables, block_size=block_size))
     try:
         with torch.inference_mode():
-            out = attn.attend(q)
-            monkeypatch.setattr(native, "has_paged_attention", lambda *shape: False)
-            reference = attn.attend(q)
+            for cache_of_run, q_of_run in ((cache, q), (cache.float(), q.float())):
+                attn = Attention(heads, kv_heads, dim, dim**-0.5)
+                attn.k_cache, attn.v_cache = cache_of_run[0], cache_of_run[1]
+                outs.append(attn.attend(q_of_run))
+                monkeypatch.setattr(native, "has_paged_attention", lambda *shape: False)
     finally:
         set_context(None)
-    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+    out, reference = outs
+    assert out.dtype == dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2  # bf16 output: 8 mantissa bits
+    torch.testing.assert_close(out.float(), reference, rtol=tolerance, atol=tolerance)

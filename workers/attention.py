@@ -72,7 +72,8 @@ class Attention(nn.Module):
         return out
 
     def _native(self, q: torch.Tensor) -> bool:
-        return (q.device.type == "cpu" and q.dtype == torch.float32
+        return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+                and self.k_cache.dtype == q.dtype
                 and native.has_paged_attention(self.num_heads, self.num_kv_heads, self.head_dim))
 
     def _attend(self, q: torch.Tensor, g: AttentionGroup) -> torch.Tensor:

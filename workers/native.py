@@ -83,8 +83,9 @@ def _function(library: str, name: str, argtypes: tuple, restype=None):
 
 
 @cache  # once: these run per layer, every step
-def _paged_attention():
-    return _function("paged_attention", "zomni_paged_attention_f32",
+def _paged_attention(cache_dtype: torch.dtype = torch.float32):
+    name = "bf16" if cache_dtype == torch.bfloat16 else "f32"
+    return _function("paged_attention", f"zomni_paged_attention_{name}",
                      (_PTR,) * 7 + (_I64,) * 6 + (_F32, _I64), ctypes.c_int)
 
 
@@ -211,22 +212,24 @@ def has_paged_attention(num_heads: int = 1, num_kv_heads: int = 1, head_dim: int
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float,
                     window: int | None, table_of_row: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of one query token per row from the paged cache (fp32, CPU; see
-    csrc/paged_attention.c): row b attends to its request's first kv_lens[b] positions.
+    """Attention of one query token per row from the paged cache (CPU, fp32 or bf16 caches,
+    computed in fp32; see csrc/paged_attention.c): row b attends to its request's first
+    kv_lens[b] positions.
 
     q [B, H, D]; caches [num_blocks, Hkv, block_size, D]; kv_lens [B] int64; block_tables
-    [R, max_blocks] int64, row b reading table_of_row[b] ([B] int64; None: row b) -> [B, H, D].
+    [R, max_blocks] int64, row b reading table_of_row[b] ([B] int64; None: row b) -> [B, H, D]
+    in q's dtype.
     """
-    q = q.contiguous()
-    out = torch.empty_like(q)
+    q32 = q.float().contiguous()
+    out = torch.empty_like(q32)
     batch, heads, dim = q.shape
     _, kv_heads, block_size, _ = k_cache.shape
-    status = _paged_attention()(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+    status = _paged_attention(k_cache.dtype)(
+        q32.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
         None if table_of_row is None else table_of_row.data_ptr(), kv_lens.data_ptr(),
         out.data_ptr(), batch, heads, kv_heads, dim, block_size, block_tables.shape[1], scale,
         window or 0)
     if status != 0:
         raise ValueError(f"paged attention kernel: unsupported shape q {tuple(q.shape)}, "
                          f"cache {tuple(k_cache.shape)}")
-    return out
+    return out.to(q.dtype)
