@@ -1,5 +1,5 @@
-"""The native fp32 GEMM (csrc/gemm.c) against F.linear: every row-tile and panel-group size,
-tail panels, bias, epilogues, and rows with a stride."""
+"""The native GEMMs against F.linear: fp32 (csrc/gemm.c) and bf16 (csrc/gemm_bf16.c), every
+row-tile and panel-group size, tail panels, odd K, bias, epilogues, and rows with a stride."""
 
 from __future__ import annotations
 
@@ -50,3 +50,41 @@ def test_gemm_strided_rows():
     torch.testing.assert_close(native.gemm(x, panels, 33, epilogue="add", other=other),
                                F.linear(x, w) + other, **TOL)
     assert native.gemm(x[:0], panels, 33).shape == (0, 33)
+
+
+BF16 = torch.bfloat16
+needs_bf16 = pytest.mark.skipif(not native.has_gemm(torch.empty(1, 1, dtype=BF16)),
+                                reason="no AVX512-BF16: the bf16 GEMM is not built")
+
+
+def _close_bf16(got: torch.Tensor, want: torch.Tensor) -> None:
+    """bf16 results: sums in fp32, rounded once to 8 mantissa bits."""
+    assert got.dtype == BF16
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", [1, 3, 8, 15, 16, 29, 300])
+@pytest.mark.parametrize("out_features, in_features", [(1, 3), (40, 64), (97, 33), (1024, 512)])
+def test_bf16_gemm_matches_fp32_of_bf16_inputs(rows, out_features, in_features):
+    torch.manual_seed(rows * 1000 + out_features)
+    w = torch.randn(out_features, in_features).to(BF16)
+    x = torch.randn(rows, in_features).to(BF16)
+    panels = native.pack_panels(w)
+    assert panels.shape == (-(-out_features // 16), -(-in_features // 2), 16, 2)
+    _close_bf16(native.gemm(x, panels, out_features), F.linear(x.float(), w.float()))
+
+
+@needs_bf16
+@pytest.mark.parametrize("epilogue", ["none", "silu", "mul", "add"])
+def test_bf16_gemm_bias_epilogues_strided_rows(epilogue):
+    torch.manual_seed(0)
+    w, bias = torch.randn(70, 47).to(BF16), torch.randn(70).to(BF16)
+    x = torch.randn(11, 60).to(BF16)[:, 3:50]  # odd K, rows of a wider tensor
+    other = torch.randn(11, 80).to(BF16)[:, :70]
+    y = F.linear(x.float(), w.float(), bias.float())
+    want = {"none": y, "silu": F.silu(y), "mul": y * other.float(),
+            "add": y + other.float()}[epilogue]
+    got = native.gemm(x, native.pack_panels(w), 70, bias, epilogue,
+                      other if epilogue in ("mul", "add") else None)
+    _close_bf16(got, want)

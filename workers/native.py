@@ -102,10 +102,17 @@ def _qkv_rope_cache():
 
 
 @cache
-def _gemm():
-    if not _function("gemm", "zomni_gemm_available", (), ctypes.c_int)():
+def _gemm(dtype: torch.dtype = torch.float32):
+    """csrc/gemm.c's fp32 kernel, or csrc/gemm_bf16.c's; None where the CPU lacks what it needs
+    (AVX-512; AVX512-BF16 for bf16) or for other dtypes."""
+    library, name = {torch.float32: ("gemm", "f32"), torch.bfloat16: ("gemm_bf16", "bf16")}.get(
+        dtype, (None, None))
+    if library is None or load(library) is None:
         return None
-    return _function("gemm", "zomni_gemm_f32",
+    available = "zomni_gemm_available" if name == "f32" else "zomni_gemm_bf16_available"
+    if not _function(library, available, (), ctypes.c_int)():
+        return None
+    return _function(library, f"zomni_gemm_{name}",
                      (_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64,
                       ctypes.c_int), ctypes.c_int)
 
@@ -160,17 +167,23 @@ def qkv_rope_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: to
 
 
 def has_gemm(weight: torch.Tensor) -> bool:
-    """Whether `pack_panels` / `gemm` run for this weight: fp32 on a CPU with AVX-512."""
-    return weight.dim() == 2 and _fp32_cpu(weight) and load("gemm") is not None \
-        and _gemm() is not None
+    """Whether `pack_panels` / `gemm` run for this weight: on the CPU, fp32 with AVX-512 or bf16
+    with AVX512-BF16."""
+    return weight.dim() == 2 and weight.device.type == "cpu" and _gemm(weight.dtype) is not None
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """weight [N, K] -> panels [ceil(N / 16), K, 16] for `gemm` (csrc/gemm.c)."""
+    """weight [N, K] -> panels for `gemm`: fp32 [ceil(N / 16), K, 16] (csrc/gemm.c), bf16
+    [ceil(N / 16), ceil(K / 2), 16, 2] (csrc/gemm_bf16.c)."""
     n, k = weight.shape
     weight = weight.detach().contiguous()
-    panels = torch.empty(-(-n // _PANEL), k, _PANEL, dtype=weight.dtype)
-    _function("gemm", "zomni_gemm_pack_f32", (_PTR, _I64, _I64, _PTR), ctypes.c_int)(
+    if weight.dtype == torch.bfloat16:
+        panels = torch.empty(-(-n // _PANEL), -(-k // 2), _PANEL, 2, dtype=weight.dtype)
+        library, name = "gemm_bf16", "zomni_gemm_pack_bf16"
+    else:
+        panels = torch.empty(-(-n // _PANEL), k, _PANEL, dtype=weight.dtype)
+        library, name = "gemm", "zomni_gemm_pack_f32"
+    _function(library, name, (_PTR, _I64, _I64, _PTR), ctypes.c_int)(
         weight.data_ptr(), n, k, panels.data_ptr())
     return panels
 
@@ -180,7 +193,7 @@ def gemm(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | Non
     """x [..., K] @ W.T (+ bias) for W packed by `pack_panels` with `n` rows, then `epilogue`:
     "none", "silu", or "mul" / "add" with `other` [..., n]. A new tensor [..., n]."""
     # Called ~5 times a layer every step: the common 2-D case skips reshapes and views.
-    k = panels.shape[1]
+    k = x.shape[-1]
     flat = x.dim() != 2
     rows = x.reshape(-1, k) if flat else x
     if rows.stride(-1) != 1:
@@ -195,10 +208,11 @@ def gemm(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | Non
         ld_other = other.stride(0)
     if bias is not None:
         bias = bias.contiguous()
-    _gemm()(rows.data_ptr(), rows.stride(0), panels.data_ptr(),
-            None if bias is None else bias.data_ptr(), out.data_ptr(), n,
-            None if other is None else other.data_ptr(), ld_other, rows.shape[0], n, k,
-            _EPILOGUES[epilogue])
+    kernel = _gemm(panels.dtype)
+    kernel(rows.data_ptr(), rows.stride(0), panels.data_ptr(),
+           None if bias is None else bias.data_ptr(), out.data_ptr(), n,
+           None if other is None else other.data_ptr(), ld_other, rows.shape[0], n, k,
+           _EPILOGUES[epilogue])
     return out.view(*x.shape[:-1], n) if flat else out
 
 
