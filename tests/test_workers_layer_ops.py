@@ -17,43 +17,51 @@ pytestmark = pytest.mark.skipif(not native.has_layer_ops(torch.empty(0)),
                                 reason="no C compiler: the native kernels are not built")
 
 
+# bf16: the kernels round where HF's modules do, but sum in another order, and RoPE rounds
+# each product where torch's addcmul rounds once: a unit in the last place (2^-8) apart at most
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=8e-3, atol=2e-2)}
+
+
 def _torch_rms_norm(norm: RMSNorm, x: torch.Tensor, monkeypatch) -> torch.Tensor:
     with monkeypatch.context() as m:
         m.setattr(native, "has_layer_ops", lambda *args: False)
         return norm(x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, dim", [(1, 8), (5, 64), (300, 512)])  # 300 x 512: threaded
-def test_rms_norm_matches_torch(rows, dim, monkeypatch):
+def test_rms_norm_matches_torch(rows, dim, dtype, monkeypatch):
     torch.manual_seed(0)
-    norm = RMSNorm(dim, eps=1e-5)
+    norm = RMSNorm(dim, eps=1e-5).to(dtype)
     norm.weight.data.normal_()
-    x = torch.randn(rows, dim) * 3
-    torch.testing.assert_close(norm(x), _torch_rms_norm(norm, x, monkeypatch),
-                               rtol=1e-5, atol=1e-5)
-    strided = torch.randn(rows, 2 * dim)[:, :dim]  # a slice of a wider row
-    torch.testing.assert_close(norm(strided), _torch_rms_norm(norm, strided, monkeypatch),
-                               rtol=1e-5, atol=1e-5)
-    heads = torch.randn(rows, 3, dim)  # per-head norm over the last dim
-    torch.testing.assert_close(norm(heads), _torch_rms_norm(norm, heads, monkeypatch),
-                               rtol=1e-5, atol=1e-5)
+    x = (torch.randn(rows, dim) * 3).to(dtype)
+    strided = torch.randn(rows, 2 * dim).to(dtype)[:, :dim]  # a slice of a wider row
+    heads = torch.randn(rows, 3, dim).to(dtype)  # per-head norm over the last dim
+    for inputs in (x, strided, heads):
+        out = norm(inputs)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, _torch_rms_norm(norm, inputs, monkeypatch),
+                                   **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("tokens, heads, kv_heads, dim", [(3, 4, 2, 8), (70, 8, 4, 64)])
-def test_qkv_rope_cache_matches_torch(qk_norm, tokens, heads, kv_heads, dim, monkeypatch):
+def test_qkv_rope_cache_matches_torch(qk_norm, tokens, heads, kv_heads, dim, dtype,
+                                      monkeypatch):
     torch.manual_seed(1)
-    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).to(dtype)
     angles = torch.rand(tokens, dim // 2) * 6
-    cos = torch.cat((angles.cos(), angles.cos()), -1)[:, None]
-    signed_sin = torch.cat((-angles.sin(), angles.sin()), -1)[:, None]
-    q_norm, k_norm = RMSNorm(dim, 1e-6), RMSNorm(dim, 1e-6)
+    cos = torch.cat((angles.cos(), angles.cos()), -1)[:, None].to(dtype)
+    signed_sin = torch.cat((-angles.sin(), angles.sin()), -1)[:, None].to(dtype)
+    q_norm, k_norm = RMSNorm(dim, 1e-6).to(dtype), RMSNorm(dim, 1e-6).to(dtype)
     q_norm.weight.data.normal_()
     k_norm.weight.data.normal_()
     cache_rows = 4 * tokens * kv_heads
     rows = torch.randperm(cache_rows)[: tokens * kv_heads]
 
-    k_cache, v_cache = torch.zeros(cache_rows, dim), torch.zeros(cache_rows, dim)
+    k_cache = torch.zeros(cache_rows, dim, dtype=dtype)
+    v_cache = torch.zeros(cache_rows, dim, dtype=dtype)
     norms = (q_norm.weight, k_norm.weight, k_norm.eps) if qk_norm else ()
     q = native.qkv_rope_cache(qkv, heads, kv_heads, cos, signed_sin, rows, k_cache, v_cache,
                               *norms)
@@ -63,9 +71,10 @@ def test_qkv_rope_cache_matches_torch(qk_norm, tokens, heads, kv_heads, dim, mon
     if qk_norm:
         q_ref = _torch_rms_norm(q_norm, q_ref, monkeypatch)
         k_ref = _torch_rms_norm(k_norm, k_ref, monkeypatch)
-    torch.testing.assert_close(q, apply_rotary(q_ref, cos, signed_sin), rtol=1e-5, atol=1e-5)
+    assert q.dtype == dtype
+    torch.testing.assert_close(q, apply_rotary(q_ref, cos, signed_sin), **TOLERANCE[dtype])
     torch.testing.assert_close(k_cache[rows].view(tokens, kv_heads, dim),
-                               apply_rotary(k_ref, cos, signed_sin), rtol=1e-5, atol=1e-5)
+                               apply_rotary(k_ref, cos, signed_sin), **TOLERANCE[dtype])
     assert torch.equal(v_cache[rows].view(tokens, kv_heads, dim), v_ref)
     untouched = torch.ones(cache_rows, dtype=torch.bool)
     untouched[rows] = False

@@ -89,14 +89,18 @@ def _paged_attention(cache_dtype: torch.dtype = torch.float32):
                      (_PTR,) * 7 + (_I64,) * 6 + (_F32, _I64), ctypes.c_int)
 
 
-@cache
-def _rms_norm():
-    return _function("layer_ops", "zomni_rms_norm_f32", (_PTR,) * 3 + (_I64,) * 3 + (_F32,))
+_LAYER_OPS_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 @cache
-def _qkv_rope_cache():
-    return _function("layer_ops", "zomni_qkv_rope_cache_f32",
+def _rms_norm(dtype: torch.dtype = torch.float32):
+    return _function("layer_ops", f"zomni_rms_norm_{_LAYER_OPS_DTYPES[dtype]}",
+                     (_PTR,) * 3 + (_I64,) * 3 + (_F32,))
+
+
+@cache
+def _qkv_rope_cache(dtype: torch.dtype = torch.float32):
+    return _function("layer_ops", f"zomni_qkv_rope_cache_{_LAYER_OPS_DTYPES[dtype]}",
                      (_PTR, _I64, _I64, _I64, _I64, _I64) + (_PTR,) * 4 + (_F32,) + (_PTR,) * 4,
                      ctypes.c_int)
 
@@ -121,14 +125,11 @@ _EPILOGUES = {"none": 0, "silu": 1, "mul": 2, "add": 3}
 _PANEL = 16  # output columns per panel (csrc/gemm.c)
 
 
-def _fp32_cpu(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32 and t.device.type == "cpu"
-
-
 def has_layer_ops(x: torch.Tensor, head_dim: int = 2) -> bool:
-    """Whether `rms_norm` and `qkv_rope_cache` run for this activation (fp32 on the CPU) and
-    head size (even, at most 512)."""
-    return _fp32_cpu(x) and head_dim % 2 == 0 and head_dim <= 512 and _rms_norm() is not None
+    """Whether `rms_norm` and `qkv_rope_cache` run for this activation (fp32 or bf16 on the
+    CPU) and head size (even, at most 512)."""
+    return (x.dtype in _LAYER_OPS_DTYPES and x.device.type == "cpu" and head_dim % 2 == 0
+            and head_dim <= 512 and _rms_norm() is not None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -138,7 +139,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(rows.shape, dtype=x.dtype)
-    _rms_norm()(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0],
+    _rms_norm(x.dtype)(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0],
                 rows.shape[1], rows.stride(0), eps)
     return out.view(x.shape) if flat else out
 
@@ -155,7 +156,7 @@ def qkv_rope_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: to
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     cos, signed_sin = cos.contiguous(), signed_sin.contiguous()
-    status = _qkv_rope_cache()(
+    status = _qkv_rope_cache(qkv.dtype)(
         qkv.data_ptr(), qkv.stride(0), qkv.shape[0], num_heads, num_kv_heads, dim,
         cos.data_ptr(), signed_sin.data_ptr(),
         None if q_norm is None else q_norm.data_ptr(),
