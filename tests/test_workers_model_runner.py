@@ -126,20 +126,26 @@ def _prompts(n: int, lengths: list[int], seed: int) -> list[list[int]]:
     return [[rng.randrange(3, 500) for _ in range(length)] for length in lengths[:n]]
 
 
-def _hf_logits(model_dir, ids: torch.Tensor) -> torch.Tensor:
+def _hf_logits(model_dir, ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     with torch.no_grad():
         return ref(ids).logits
 
 
-def _our_prefill_logits(model_dir, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of every position, each row of `ids` a request, all prefilled in one forward."""
-    model, _ = load_model(model_dir, torch.float32, "cpu")
+def _our_prefill_logits(model_dir, ids: torch.Tensor, dtype=torch.float32,
+                        packed: bool = False) -> torch.Tensor:
+    """Logits of every position, each row of `ids` a request, all prefilled in one forward;
+    `packed`: with the weights packed for the CPU kernels, as the runner packs them."""
+    model, _ = load_model(model_dir, dtype, "cpu")
+    if packed:
+        for module in model.modules():
+            if hasattr(module, "pack"):
+                module.pack(batch_hint=16)
     layers = model.attention_layers()
     cache = torch.zeros(2, len(layers), 64, layers[0].num_kv_heads, BLOCK_SIZE,
-                        layers[0].head_dim)
+                        layers[0].head_dim, dtype=dtype)
     for i, layer in enumerate(layers):
         layer.k_cache, layer.v_cache = cache[0, i], cache[1, i]
     batch, length = ids.shape
@@ -161,6 +167,18 @@ def test_prefill_logits_match_transformers(arch, model_dirs, variant_dirs):
     ids = torch.tensor(_prompts(2, [37, 37], seed=1))
     ours, ref = _our_prefill_logits(model_dir, ids), _hf_logits(model_dir, ids)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_prefill_logits_close_to_transformers_bf16(arch, model_dirs):
+    """bf16 end to end (on AVX512-BF16 CPUs: the native bf16 linears, layer ops and attention)
+    against transformers in bf16: both round at every op, in different orders, so the logits
+    agree to bf16 noise, not bit for bit."""
+    ids = torch.tensor(_prompts(2, [37, 37], seed=1))
+    ours = _our_prefill_logits(model_dirs[arch], ids, torch.bfloat16, packed=True).float()
+    ref = _hf_logits(model_dirs[arch], ids, torch.bfloat16).float()
+    assert (ours - ref).abs().mean() < 0.02 * ref.abs().mean()
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "llama-tied-bias-llama3"])
