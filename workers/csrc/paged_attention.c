@@ -166,6 +166,15 @@ static inline __attribute__((always_inline)) void attend(
                 for (int64_t g = 0; g < group; g++) {
                     const float *qg = qh + g * D;
                     float x = 0.0f;
+#ifdef __AVX512F__
+                    if (D % 16 == 0) { /* widened 16 at a time, as in dot16 */
+                        __m512 v = _mm512_setzero_ps();
+                        for (int64_t d = 0; d < D; d += 16)
+                            v = _mm512_fmadd_ps(_mm512_loadu_ps(qg + d), kv_load16(k, d, bf16), v);
+                        sh[g * n + t] = _mm512_reduce_add_ps(v) * scale;
+                        continue;
+                    }
+#endif
 #pragma omp simd reduction(+ : x)
                     for (int64_t d = 0; d < D; d++) x += qg[d] * kv_get(k, d, bf16);
                     sh[g * n + t] = x * scale;
