@@ -9,7 +9,7 @@ machines we measure on. Faster kernels take a weight repacked once:
   1.1-1.3x at 1-16 rows, 1.0-1.07x from 64 to 1024 rows; Qwen3-0.6B: 1.1-1.2x at 16 rows,
   1.13x at 1024. Offline W is unchanged; online W at concurrency 16 gained ~17%.
 - bf16 with AVX512-BF16: the same plan in bf16 (csrc/gemm_bf16.c), pairs of k per vdpbf16ps.
-  Qwen3-0.6B's linears at 16 rows, cold: 54-60 ms against oneDNN's 60-61; equal at 64 and
+  Qwen3-0.6B's linears at 16 rows, cold: 54-61 ms against oneDNN's 60-67; equal at 64 and
   1024 rows.
 - otherwise (fp16, no AVX-512): oneDNN's JIT kernels on its own blocked layout (~2.5x MKL in
   fp32 at decode shapes, ~1.2-2x in bf16), the swap torch.compile's CPU freezing pass makes.
