@@ -10,9 +10,16 @@ stop string may span tokens. The text is kept as:
 could be the start of a stop string (at most `max(len(stop)) - 1` characters). Decoding looks
 at a small window of tokens (`prefix_offset:`) so each step costs O(window), not O(output):
 a token's text is only emitted once decoding no longer ends in U+FFFD (an incomplete character).
+
+Tokenizers backed by the `tokenizers` library do that bookkeeping in Rust (`DecodeStream`), one
+call per token instead of two decodes; the Python window remains for the others and for the
+final flush of an incomplete character.
 """
 
 from __future__ import annotations
+
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 # Tokenizers that add a leading space to a word need a few tokens of left context to decode
 # the first generated token the way it appears in the whole text.
@@ -27,11 +34,22 @@ class IncrementalDetokenizer:
         self.stop = [s for s in (stop or []) if s]
         self.include_stop = include_stop_str_in_output
         self.ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        # A prompt ending mid-character leaves its last bytes out of the context, so output
+        # starting with the rest of that character decodes as it would on its own.
+        while self.ids and self._decode(self.ids).endswith("\ufffd"):
+            self.ids.pop()
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""
         self.sent = 0
         self.stop_reason: str | None = None
+        self._backend = getattr(tokenizer, "_tokenizer", None)
+        self._stream: DecodeStream | None = None
+        if isinstance(self._backend, Tokenizer) and not getattr(
+                tokenizer, "clean_up_tokenization_spaces", False):
+            self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+            for token_id in self.ids:  # the same left context the window starts with
+                self._stream.step(self._backend, token_id)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -42,6 +60,12 @@ class IncrementalDetokenizer:
             if self.stop_reason is not None:
                 return
             self.ids.append(token_id)
+            if self._stream is not None:
+                new = self._stream.step(self._backend, token_id)
+                if new:
+                    self._append(new)
+                    self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+                continue
             prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
             new_text = self._decode(self.ids[self.prefix_offset:])
             if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):

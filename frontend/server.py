@@ -27,6 +27,7 @@ import uuid
 
 import msgspec
 import zmq
+import zmq.asyncio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from zmq.utils.monitor import parse_monitor_message
@@ -122,7 +123,8 @@ class EngineLink:
 
     async def _watch(self) -> str:
         """Wait until the engine is gone; returns why."""
-        monitor = self.client.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        monitor = zmq.asyncio.Socket.from_socket(
+            self.client.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED))
         try:
             while self.client.dead is None:
                 if not self._alive():

@@ -11,15 +11,15 @@ routes outputs to one queue per request (the HTTP frontend and `AsyncLLM` use it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
 import zmq
-import zmq.asyncio
 
 from .codec import SCHEMA_HASH, decode, encode
-from .errors import EngineDead, ProtocolMismatch, ZomniError, error_from_wire
+from .errors import EngineDead, InvalidRequest, ProtocolMismatch, ZomniError, error_from_wire
 from .messages import (
     PROTOCOL_VERSION,
     Abort,
@@ -115,29 +115,45 @@ class EngineClient:
 
 
 class AsyncEngineClient:
-    """asyncio client: `generate()` yields a request's outputs as the engine produces them."""
+    """asyncio client: `generate()` yields a request's outputs as the engine produces them.
+
+    The socket is a plain one read from the event loop's reader callback: zmq.asyncio's
+    futures cost more per message than the rest of the frontend's work on it. The socket's FD
+    is edge-triggered, so every wake-up (and every send, which may consume the edge) drains it.
+    """
 
     def __init__(self, address: str, alive: Callable[[], bool] | None = None):
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.socket = _new_socket(self.ctx, address)
+        # Unbounded, so a send never blocks the loop; requests in flight are bounded upstream.
+        self.socket.setsockopt(zmq.SNDHWM, 0)
         self.alive = alive or (lambda: True)
         self.ready: Ready | None = None
         self.dead: EngineDead | None = None
         self._queues: dict[str, asyncio.Queue] = {}
         self._replies: dict[MsgType, asyncio.Queue] = {MsgType.PONG: asyncio.Queue(),
                                                        MsgType.STATS: asyncio.Queue()}
-        self._reader: asyncio.Task | None = None
+        self._hello: asyncio.Future | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def connect(self, timeout: float = 600.0, client_name: str = "") -> Ready:
+        self._loop = asyncio.get_running_loop()
+        self._hello = self._loop.create_future()
+        self._loop.add_reader(self.socket.getsockopt(zmq.FD), self._drain)
         await self._send(MsgType.HELLO, Hello(PROTOCOL_VERSION, SCHEMA_HASH, client_name))
         deadline = time.monotonic() + timeout
-        while not await self.socket.poll(200):
-            if not self.alive():
-                raise EngineDead("the engine process exited before it was ready")
-            if time.monotonic() > deadline:
-                raise EngineDead(f"engine not ready after {timeout:.0f} s")
-        self.ready = _check_ready(*decode(await self.socket.recv_multipart()))
-        self._reader = asyncio.create_task(self._read_loop())
+        while True:
+            try:
+                self.ready = _check_ready(*await asyncio.wait_for(asyncio.shield(self._hello),
+                                                                  0.2))
+                break
+            except asyncio.TimeoutError:
+                if not self.alive():
+                    raise EngineDead("the engine process exited before it was ready") from None
+                if time.monotonic() > deadline:
+                    raise EngineDead(f"engine not ready after {timeout:.0f} s") from None
+        self._watchdog = self._loop.call_later(1.0, self._check_alive)
         return self.ready
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
@@ -185,25 +201,38 @@ class AsyncEngineClient:
             raise got
         return got
 
-    async def _read_loop(self) -> None:
-        """The only place that reads the socket: routes each message to whoever waits for it."""
-        while True:
-            if not await self.socket.poll(1000):
-                if not self.alive():
-                    self._fail(EngineDead("the engine process exited"))
-                    return
-                continue
-            msg_type, msg = decode(await self.socket.recv_multipart())
+    def _drain(self) -> None:
+        """Route every waiting message to whoever waits for it (the only reader of the socket)."""
+        if self.socket.closed:
+            return
+        # Asking for EVENTS is cheaper than the zmq.Again a non-blocking read ends with.
+        while self.dead is None and self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+            frames = self.socket.recv_multipart()
+            try:
+                msg_type, msg = decode(frames)
+            except InvalidRequest as e:
+                self._fail(EngineDead(f"the engine sent an undecodable message: {e}"))
+                return
             if msg_type == MsgType.OUTPUTS:
                 for out in msg.outputs:
                     queue = self._queues.get(out.request_id)
                     if queue is not None:
                         queue.put_nowait(out)
+            elif self.ready is None and self._hello is not None:
+                if not self._hello.done():
+                    self._hello.set_result((msg_type, msg))
             elif msg_type in self._replies:
                 self._replies[msg_type].put_nowait(msg)
             elif msg_type == MsgType.ENGINE_DEAD:
                 self._fail(EngineDead(msg.reason))
-                return
+
+    def _check_alive(self) -> None:
+        if self.dead is not None:
+            return
+        if not self.alive():
+            self._fail(EngineDead("the engine process exited"))
+            return
+        self._watchdog = self._loop.call_later(1.0, self._check_alive)
 
     def _fail(self, error: EngineDead) -> None:
         self.dead = error
@@ -213,10 +242,14 @@ class AsyncEngineClient:
     async def _send(self, msg_type: MsgType, msg) -> None:
         if self.dead and msg_type != MsgType.ABORT:
             raise self.dead
-        await self.socket.send_multipart(encode(msg_type, msg))
+        self.socket.send_multipart(encode(msg_type, msg), zmq.NOBLOCK)
+        self._loop.call_soon(self._drain)
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop may be gone with its thread
+                self._loop.remove_reader(self.socket.getsockopt(zmq.FD))
         self.socket.close(linger=0)
         self.ctx.term()
