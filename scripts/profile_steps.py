@@ -6,8 +6,10 @@ scheduler on a throughput workload, with each family of native kernels timed aro
     python scripts/profile_steps.py --shape qwen3-0.6b --arch qwen3 -n 16
 
 Prints, for decode-only steps and for steps with prompt tokens, the mean step time and its
-parts: GEMM (every linear and the LM head), attention, layer ops (RMSNorm; q/k norm + RoPE +
-KV write), the sampler, and the rest (Python, step metadata, torch ops). Steps run one after
+parts: the decoder layers when they run as one native call each (workers/models/native_layers.py;
+ZOMNI_NATIVE_LAYERS=0 times their kernels instead), GEMM (every linear, or only the LM head),
+attention, layer ops (RMSNorm; q/k norm + RoPE + KV write), the sampler, and the rest (Python,
+step metadata, torch ops). Steps run one after
 the other, as with --no-async-scheduling, in the workers' environment (their malloc and
 OpenMP settings, core/executor.worker_env). The model is built as bench_throughput.py builds it.
 """
@@ -25,8 +27,8 @@ from pathlib import Path
 
 from zomni.core.executor import worker_env
 
-PARTS = {"gemm": "gemm", "paged_attention": "attention", "rms_norm": "layer ops",
-         "qkv_rope_cache": "layer ops"}
+PARTS = {"decoder_layer": "layers", "gemm": "gemm", "paged_attention": "attention",
+         "rms_norm": "layer ops", "qkv_rope_cache": "layer ops"}
 
 
 def timed(fn, part: str, spent: dict[str, float]):
@@ -103,7 +105,9 @@ def report(kind: str, steps: list[tuple[int, int, float, dict[str, float]]]) -> 
     tokens, requests = sum(s[0] for s in steps) / n, sum(s[1] for s in steps) / n
     print(f"{kind}: {n} steps, {total:.2f} s, {1e3 * total / n:.2f} ms a step "
           f"({tokens:.0f} tokens, {requests:.0f} requests on average)")
-    for part in ("gemm", "attention", "layer ops", "sampler"):
+    for part in ("layers", "gemm", "attention", "layer ops", "sampler"):
+        if part == "layers" and not parts[part]:
+            continue
         print(f"  {part:10s} {1e3 * parts[part] / n:8.2f} ms  {parts[part] / total:6.1%}")
     rest = total - sum(parts.values())
     print(f"  {'rest':10s} {1e3 * rest / n:8.2f} ms  {rest / total:6.1%}")

@@ -23,6 +23,7 @@ from zomni.proto import (
     WorkerConfig,
 )
 from zomni.testing import ARCHS, build_model
+from zomni.workers import native
 from zomni.workers.context import build_attention_metadata, set_context
 from zomni.workers.loader import load_model
 from zomni.workers.model_runner import ModelRunner
@@ -167,6 +168,50 @@ def test_prefill_logits_match_transformers(arch, model_dirs, variant_dirs):
     ids = torch.tensor(_prompts(2, [37, 37], seed=1))
     ours, ref = _our_prefill_logits(model_dir, ids), _hf_logits(model_dir, ids)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+def _two_steps(model, cache: torch.Tensor) -> list[torch.Tensor]:
+    """Hidden states of two steps: three prompts prefilled; then their decodes, mixed with a
+    fourth prompt's first chunk."""
+    cache.zero_()
+    prompts = _prompts(4, [5, 9, 13, 11], seed=11)
+    tables = [[3, 60, 7, 1], [9, 2, 33, 40], [12, 50, 21, 5, 6], [30, 31, 44, 45]]
+    steps = [([5, 9, 13], [0, 0, 0], [p for p in prompts[:3]], tables[:3]),
+             ([1, 1, 1, 6], [5, 9, 13, 0], [[7], [8], [9], prompts[3][:6]], tables)]
+    hidden = []
+    for query_lens, starts, ids, step_tables in steps:
+        md = build_attention_metadata(query_lens, starts, step_tables, BLOCK_SIZE)
+        set_context(md)
+        try:
+            with torch.inference_mode():
+                hidden.append(model(torch.tensor(sum(ids, [])), md.positions))
+        finally:
+            set_context(None)
+    return hidden
+
+
+@pytest.mark.skipif(not native.has_decoder_layer(), reason="needs the native CPU kernels")
+@pytest.mark.parametrize("arch", [*ARCHS, "llama-tied-bias-llama3", "mistral-sliding-window"])
+def test_native_layers_match_the_per_kernel_path(arch, model_dirs, variant_dirs, monkeypatch):
+    """One native call a layer runs the same kernels as the Python layers, in the same order:
+    the hidden states are equal bit for bit, prefill chunks and decodes alike."""
+    model, _ = load_model(model_dirs.get(arch) or variant_dirs[arch], torch.float32, "cpu")
+    for module in model.modules():
+        if hasattr(module, "pack"):
+            module.pack(batch_hint=16)
+    layers = model.attention_layers()
+    cache = torch.zeros(2, len(layers), 64, layers[0].num_kv_heads, BLOCK_SIZE,
+                        layers[0].head_dim)
+    for i, layer in enumerate(layers):
+        layer.k_cache, layer.v_cache = cache[0, i], cache[1, i]
+    native_hidden = _two_steps(model, cache)
+    assert model.model._native is not None
+    monkeypatch.setenv("ZOMNI_NATIVE_LAYERS", "0")
+    model.model._native_key = None  # rebuilt: off
+    per_kernel = _two_steps(model, cache)
+    assert model.model._native is None
+    for ours, ref in zip(native_hidden, per_kernel):
+        assert torch.equal(ours, ref)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

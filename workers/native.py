@@ -27,6 +27,8 @@ logger = logging.getLogger("zomni.worker")
 
 _SOURCES = Path(__file__).with_name("csrc")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-fopenmp"]
+# Libraries built from more than their own source: they call these sources' kernels.
+_LINKED = {"decoder_layer": ("gemm", "layer_ops", "paged_attention")}
 _I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
@@ -52,16 +54,17 @@ def load(name: str) -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C compiler found: native CPU kernels are off (torch fallback)")
         return None
-    source = _SOURCES / f"{name}.c"
-    key = hashlib.sha256(source.read_bytes() + " ".join(_FLAGS + [compiler]).encode()
-                         + _cpu_id()).hexdigest()[:16]
+    sources = [_SOURCES / f"{n}.c" for n in (name, *_LINKED.get(name, ()))]
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in sources)
+                         + " ".join(_FLAGS + [compiler]).encode() + _cpu_id()).hexdigest()[:16]
     target = _cache_dir() / f"{name}-{key}.so"
     try:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # ranks build at once
                 built = Path(tmp, target.name)
-                subprocess.run([compiler, *_FLAGS, str(source), "-o", str(built), "-lmvec", "-lm"],
+                subprocess.run([compiler, *_FLAGS, *map(str, sources), "-o", str(built), "-lmvec",
+                                "-lm"],
                                check=True, capture_output=True, text=True, timeout=120)
                 os.replace(built, target)
         return ctypes.CDLL(str(target))
@@ -248,3 +251,43 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"paged attention kernel: unsupported shape q {tuple(q.shape)}, "
                          f"cache {tuple(k_cache.shape)}")
     return out.to(q.dtype)
+
+
+class DecoderLayerArgs(ctypes.Structure):
+    """csrc/decoder_layer.c's `Layer`: what one layer's call needs that never changes."""
+
+    _fields_ = ([(name, _PTR) for name in (
+        "input_norm", "post_norm", "q_norm", "k_norm", "qkv", "qkv_bias", "o", "o_bias", "gate",
+        "gate_bias", "up", "up_bias", "down", "down_bias", "k_cache", "v_cache")]
+        + [(name, _I64) for name in (
+            "hidden", "heads", "kv_heads", "head_dim", "intermediate", "window")]
+        + [(name, _F32) for name in ("input_eps", "post_eps", "qk_eps", "scale")])
+
+
+class DecoderStepArgs(ctypes.Structure):
+    """csrc/decoder_layer.c's `Step`: one step's metadata and workspace, shared by the layers."""
+
+    _fields_ = ([(name, _I64) for name in ("T", "block_size", "max_blocks")]
+                + [(name, _PTR) for name in (
+                    "cos", "ssin", "cache_rows", "block_tables", "token_request", "kv_lens",
+                    "h", "qkv", "q", "attn", "mid", "gate", "act")])
+
+
+@cache
+def _decoder_layer():
+    if _gemm(torch.float32) is None or _rms_norm() is None or _paged_attention() is None:
+        return None
+    return _function("decoder_layer", "zomni_decoder_layer_f32", (_PTR,) * 4, ctypes.c_int)
+
+
+def has_decoder_layer() -> bool:
+    """Whether `decoder_layer` runs here (fp32 layers on a CPU with the native kernels)."""
+    return _decoder_layer() is not None
+
+
+def decoder_layer(layer: int, step: int, x: torch.Tensor, out: torch.Tensor) -> None:
+    """One decoder layer, x [T, hidden] -> out [T, hidden] (see csrc/decoder_layer.c); `layer`
+    and `step` are the addresses of a `DecoderLayerArgs` and a `DecoderStepArgs`."""
+    status = _decoder_layer()(layer, step, x.data_ptr(), out.data_ptr())
+    if status != 0:
+        raise ValueError(f"decoder layer kernel failed ({status}): unsupported shape")

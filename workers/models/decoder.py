@@ -25,6 +25,7 @@ from zomni.workers.attention import Attention
 from zomni.workers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from zomni.workers.layernorm import RMSNorm
 from zomni.workers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from zomni.workers.models.native_layers import NativeLayers
 from zomni.workers.rotary_embedding import RotaryEmbedding, apply_rotary
 
 
@@ -124,13 +125,27 @@ class DecoderModel(nn.Module):
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config, head_dim_of(config))
+        self._native: NativeLayers | None = None
+        self._native_key: tuple | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb.tables(positions, x.dtype)
+        native_layers = self._native_layers(x)
+        if native_layers is not None:
+            return self.norm(native_layers(x, cos, sin))
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.norm(x)
+
+    def _native_layers(self, x: torch.Tensor) -> NativeLayers | None:
+        """The one-call-per-layer path, rebuilt when what it points into changes (packing, the
+        KV cache, the activations' dtype)."""
+        first = self.layers[0].self_attn
+        key = (x.dtype, x.device, first.attn.k_cache.data_ptr(), id(first.qkv_proj.packed))
+        if key != self._native_key:
+            self._native_key, self._native = key, NativeLayers.build(self.layers, x)
+        return self._native
 
 
 class DecoderForCausalLM(nn.Module):
