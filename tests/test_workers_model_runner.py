@@ -190,18 +190,21 @@ def _two_steps(model, cache: torch.Tensor) -> list[torch.Tensor]:
     return hidden
 
 
-@pytest.mark.skipif(not native.has_decoder_layer(), reason="needs the native CPU kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("arch", [*ARCHS, "llama-tied-bias-llama3", "mistral-sliding-window"])
-def test_native_layers_match_the_per_kernel_path(arch, model_dirs, variant_dirs, monkeypatch):
+def test_native_layers_match_the_per_kernel_path(arch, dtype, model_dirs, variant_dirs,
+                                                 monkeypatch):
     """One native call a layer runs the same kernels as the Python layers, in the same order:
     the hidden states are equal bit for bit, prefill chunks and decodes alike."""
-    model, _ = load_model(model_dirs.get(arch) or variant_dirs[arch], torch.float32, "cpu")
+    if not native.has_decoder_layer(dtype):
+        pytest.skip(f"no native {dtype} kernels on this CPU")
+    model, _ = load_model(model_dirs.get(arch) or variant_dirs[arch], dtype, "cpu")
     for module in model.modules():
         if hasattr(module, "pack"):
             module.pack(batch_hint=16)
     layers = model.attention_layers()
     cache = torch.zeros(2, len(layers), 64, layers[0].num_kv_heads, BLOCK_SIZE,
-                        layers[0].head_dim)
+                        layers[0].head_dim, dtype=dtype)
     for i, layer in enumerate(layers):
         layer.k_cache, layer.v_cache = cache[0, i], cache[1, i]
     native_hidden = _two_steps(model, cache)

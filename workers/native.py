@@ -28,7 +28,7 @@ logger = logging.getLogger("zomni.worker")
 _SOURCES = Path(__file__).with_name("csrc")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-fopenmp"]
 # Libraries built from more than their own source: they call these sources' kernels.
-_LINKED = {"decoder_layer": ("gemm", "layer_ops", "paged_attention")}
+_LINKED = {"decoder_layer": ("gemm", "gemm_bf16", "layer_ops", "paged_attention")}
 _I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
@@ -270,24 +270,27 @@ class DecoderStepArgs(ctypes.Structure):
     _fields_ = ([(name, _I64) for name in ("T", "block_size", "max_blocks")]
                 + [(name, _PTR) for name in (
                     "cos", "ssin", "cache_rows", "block_tables", "token_request", "kv_lens",
-                    "h", "qkv", "q", "attn", "mid", "gate", "act")])
+                    "h", "qkv", "q", "attn", "mid", "gate", "act", "q32", "attn32")])
 
 
 @cache
-def _decoder_layer():
-    if _gemm(torch.float32) is None or _rms_norm() is None or _paged_attention() is None:
+def _decoder_layer(dtype: torch.dtype = torch.float32):
+    if (_gemm(dtype) is None or dtype not in _LAYER_OPS_DTYPES or _rms_norm(dtype) is None
+            or _paged_attention(dtype) is None):
         return None
-    return _function("decoder_layer", "zomni_decoder_layer_f32", (_PTR,) * 4, ctypes.c_int)
+    return _function("decoder_layer", f"zomni_decoder_layer_{_LAYER_OPS_DTYPES[dtype]}",
+                     (_PTR,) * 4, ctypes.c_int)
 
 
-def has_decoder_layer() -> bool:
-    """Whether `decoder_layer` runs here (fp32 layers on a CPU with the native kernels)."""
-    return _decoder_layer() is not None
+def has_decoder_layer(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether `decoder_layer` runs here for layers in `dtype` (fp32, or bf16 on AVX512-BF16,
+    on a CPU with the native kernels)."""
+    return _decoder_layer(dtype) is not None
 
 
 def decoder_layer(layer: int, step: int, x: torch.Tensor, out: torch.Tensor) -> None:
     """One decoder layer, x [T, hidden] -> out [T, hidden] (see csrc/decoder_layer.c); `layer`
     and `step` are the addresses of a `DecoderLayerArgs` and a `DecoderStepArgs`."""
-    status = _decoder_layer()(layer, step, x.data_ptr(), out.data_ptr())
+    status = _decoder_layer(x.dtype)(layer, step, x.data_ptr(), out.data_ptr())
     if status != 0:
         raise ValueError(f"decoder layer kernel failed ({status}): unsupported shape")

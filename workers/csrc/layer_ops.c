@@ -107,6 +107,17 @@ static inline uint16_t narrow(float f) { /* to nearest, ties to even */
 
 static inline float round_bf16(float f) { return widen(narrow(f)); }
 
+/* Whole-array conversions, for decoder_layer.c's bf16 layer around its fp32 attention. */
+void zomni_bf16_to_f32(const uint16_t *restrict x, float *restrict out, int64_t n) {
+#pragma omp parallel for simd if (n >= 16 * PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i++) out[i] = widen(x[i]);
+}
+
+void zomni_f32_to_bf16(const float *restrict x, uint16_t *restrict out, int64_t n) {
+#pragma omp parallel for simd if (n >= 16 * PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i++) out[i] = narrow(x[i]);
+}
+
 static inline float inv_rms_bf16(const uint16_t *restrict x, int64_t dim, float eps) {
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
