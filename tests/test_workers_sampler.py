@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from zomni.proto import SamplingParams
+from zomni.workers import native
 from zomni.workers.sampler import (
     Sampler,
     SamplingMetadata,
@@ -157,3 +158,16 @@ def test_logprobs_from_raw_logits_with_ranks():
         assert lp.logprobs[0] == pytest.approx(raw[i, tok].item())
         assert lp.ranks[0] == int((raw[i] > raw[i, tok]).sum()) + 1
     assert len(out.logprobs[2].token_ids) == 1
+
+
+@pytest.mark.parametrize("cols", [1, 15, 16, 17, 1000, 151936])
+def test_native_argmax_is_torchs(cols):
+    """First index of the maximum (ties, all -inf), or of the first NaN; any row stride."""
+    gen = torch.Generator().manual_seed(cols)
+    x = torch.randn(6, cols + 3, generator=gen)[:, 2:cols + 2]  # rows strided, not contiguous
+    x[1] = float("-inf")
+    x[2, cols // 3] = x[2, cols - 1] = 1e9  # a tie: the first wins
+    x[3, cols - 1] = float("nan")
+    x[4, cols // 2] = float("inf")
+    x[5, 0] = float("nan")
+    assert torch.equal(native.argmax(x), x.argmax(dim=-1))

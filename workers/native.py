@@ -253,6 +253,25 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out.to(q.dtype)
 
 
+@cache
+def _argmax():
+    if load("argmax") is None:
+        return None
+    return _function("argmax", "zomni_argmax_f32", (_PTR, _I64, _I64, _I64, _PTR), ctypes.c_int)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) for fp32 CPU logits [rows, vocab] (see csrc/argmax.c), torch's elsewhere:
+    the first index of each row's maximum, or of its first NaN."""
+    if (x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(-1) != 1
+            or not x.shape[1] or _argmax() is None):
+        return x.argmax(dim=-1)
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    if _argmax()(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr()) != 0:
+        return x.argmax(dim=-1)
+    return out
+
+
 class DecoderLayerArgs(ctypes.Structure):
     """csrc/decoder_layer.c's `Layer`: what one layer's call needs that never changes."""
 

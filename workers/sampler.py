@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from zomni.proto import SamplingParams, TokenLogprobs
+from zomni.workers import native
 
 _NEG_INF = float("-inf")
 
@@ -62,7 +63,7 @@ class Sampler:
         return SamplerOutput(sampled, logprobs)
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        sampled = logits.argmax(dim=-1)
+        sampled = native.argmax(logits)
         rows = [i for i, p in enumerate(meta.params) if not p.greedy]
         if not rows:
             return sampled
