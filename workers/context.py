@@ -78,6 +78,7 @@ class AttentionMetadata:
     _groups: list[AttentionGroup] | None = None
     _write_rows: dict[int, torch.Tensor] = field(default_factory=dict)
     _kv_lens: torch.Tensor | None = None
+    _host_slots: np.ndarray | None = None  # slot_mapping's numpy source
 
     @property
     def groups(self) -> list[AttentionGroup]:
@@ -98,11 +99,13 @@ class AttentionMetadata:
         """[T * Hkv] rows of the cache viewed as [num_blocks * Hkv * bs, D] that token t,
         head h writes: ((block * Hkv + h) * bs + offset). Shared by all layers of a step."""
         if num_kv_heads not in self._write_rows:
-            bs = self.block_size
-            block, offset = self.slot_mapping // bs, self.slot_mapping % bs
-            heads = torch.arange(num_kv_heads, device=self.slot_mapping.device)
-            rows = (block[:, None] * num_kv_heads + heads[None, :]) * bs + offset[:, None]
-            self._write_rows[num_kv_heads] = rows.flatten()
+            # on the host in numpy, as the rest of the metadata: torch's small ops cost ~10 us
+            # each, and this runs every step
+            bs, slots = self.block_size, self._host_slots
+            rows = ((slots[:, None] // bs * num_kv_heads + np.arange(num_kv_heads)) * bs
+                    + slots[:, None] % bs)
+            self._write_rows[num_kv_heads] = torch.from_numpy(rows.ravel()).to(
+                self.slot_mapping.device)
         return self._write_rows[num_kv_heads]
 
 
@@ -141,7 +144,7 @@ def build_attention_metadata(query_lens: list[int], num_computed: list[int],
                              block_size=block_size,
                              block_tables=torch.from_numpy(table).to(device),
                              token_request=torch.from_numpy(req_of_token).to(device),
-                             build_groups=build_groups)
+                             build_groups=build_groups, _host_slots=slots)
 
 
 def _build_group(idx: np.ndarray, q_lens: np.ndarray, starts: np.ndarray, cu: np.ndarray,
