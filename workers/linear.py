@@ -4,7 +4,9 @@
     MergedColumnParallelLinear several column layers fused (gate_up): each part split separately
     QKVParallelLinear         q / k / v fused, split by heads; KV heads replicated when fewer
                               KV heads than ranks
-    RowParallelLinear         W split by columns: partial sums, then all-reduce
+    RowParallelLinear         W split by columns: partial sums, then all-reduce (or, with
+                              reduce_results=False, the caller's one all-reduce for several)
+    ReplicatedLinear          the whole W on every rank (small layers), no collective
 
 Every parameter carries `weight_loader(param, loaded, shard_id=None)`, which copies only this
 rank's part of a checkpoint tensor (or lazy safetensors slice) into `param`. `tp_rank` and
@@ -181,13 +183,19 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Input dim split over ranks; outputs are partial sums, all-reduced. Bias added once."""
+    """Input dim split over ranks; outputs are partial sums, all-reduced. Bias added once.
+
+    reduce_results=False returns this rank's partial sum (bias included on rank 0 only), for a
+    caller that sums several layers' outputs in one all-reduce.
+    """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 tp_rank: int | None = None, tp_size: int | None = None):
+                 tp_rank: int | None = None, tp_size: int | None = None,
+                 reduce_results: bool = True):
         size = get_tp_size() if tp_size is None else tp_size
         super().__init__(_divide(input_size, size, "input size"), output_size, bias,
                          tp_rank, tp_size)
+        self.reduce_results = reduce_results
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         if param.dim() == 1:  # bias: replicated, added on rank 0 only
@@ -200,7 +208,19 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T + bias (+ residual, fused into the matmul's epilogue when packed)."""
         if self.tp_rank != 0:  # partial sums: bias and residual come once, from rank 0
-            return all_reduce(cpu_gemm.linear(x, self.weight, None, self.packed))
-        epilogue = "none" if residual is None else "add"
-        return all_reduce(cpu_gemm.linear(x, self.weight, self.bias, self.packed, epilogue,
-                                           residual))
+            out = cpu_gemm.linear(x, self.weight, None, self.packed)
+        else:
+            epilogue = "none" if residual is None else "add"
+            out = cpu_gemm.linear(x, self.weight, self.bias, self.packed, epilogue, residual)
+        return all_reduce(out) if self.reduce_results else out
+
+
+class ReplicatedLinear(LinearBase):
+    """The whole weight on every rank, no collective: for layers that run on so few rows
+    (embedders, adaLN modulation) that splitting them would not save the collective's time."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        super().__init__(input_size, output_size, bias, None, None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        _copy(param, materialize(loaded))
