@@ -12,6 +12,9 @@ round trip, output handling and scheduling (~2 ms a step on 2 CPU cores, 5-15% o
 step). Without it, one plan at a time. Inputs are applied only between `schedule()` calls; an
 abort of a request in flight only drops its later results. When there is no work the loop
 blocks in `poll` (woken by a message or every second to check its workers): nothing spins.
+The loop never looks at the model's kind: the scheduler for the kind (`scheduler_interface`)
+builds plans and outputs, the workers' runners execute them; arrays in a step's result (pixels)
+are forwarded to each client as raw frames, never copied into a message body.
 Run it as `python -m zomni.core.engine '<EngineConfig JSON>'`.
 """
 
@@ -33,27 +36,23 @@ from zomni.proto import (
     EngineConfig,
     EngineDead,
     EngineDeadMsg,
-    EngineOutput,
     EngineOutputs,
-    EngineRequest,
     ErrorMsg,
-    FinishReason,
     InvalidRequest,
     MsgType,
     Ready,
-    SchedulerOutput,
     Stats,
     ZomniError,
     decode,
     encode,
 )
+from zomni.proto.arrays import regroup
 from zomni.proto.config import from_json
-from zomni.proto.messages import Empty
+from zomni.proto.messages import Empty, Request, StepPlan
 from zomni.proto.model_info import read_model_info
 
 from .executor import Executor
-from .request import Request
-from .scheduler import Scheduler, finished_outputs
+from .scheduler_interface import Outputs, make_scheduler
 
 logger = logging.getLogger("zomni.engine")
 
@@ -68,36 +67,33 @@ class EngineCore:
         self.clients.setsockopt(zmq.LINGER, 0)
         self.clients.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.clients.bind(config.listen)
-        self.pending: list[tuple[bytes, MsgType, object]] = []
+        self.pending: list[tuple[bytes, MsgType, object, list]] = []
         start = time.monotonic()
         try:
             self.info = read_model_info(config.model, config.max_model_len,
                                         tensor_parallel_size=config.tensor_parallel_size)
             # Clients' HELLOs are queued while the workers load, so that a failure to start
             # can be answered with its reason (rank, error) rather than a bare exit.
-            self.executor = Executor(config, self.ctx, self.info.max_model_len,
+            self.executor = Executor(config, self.ctx,
                                      on_idle=lambda: self._receive(timeout_ms=0))
         except ZomniError as e:
             self._fail_startup(e)
             raise
         self.info.dtype = self.executor.dtype
-        config.max_num_batched_tokens = self.executor.max_num_batched_tokens
-        config.block_size = self.executor.block_size
-        self.scheduler = Scheduler(config, self.executor.num_kv_blocks, self.info.max_model_len,
-                                   self.info.eos_token_ids)
-        self.in_flight: collections.deque[SchedulerOutput] = collections.deque()
+        self.runner_info = self.executor.runner_info  # what the workers resolved
+        self.scheduler = make_scheduler(config, self.info, self.runner_info)
+        # plans sent and not answered yet, with the time each was sent
+        self.in_flight: collections.deque[tuple[StepPlan, float]] = collections.deque()
         self.max_in_flight = 2 if config.async_scheduling else 1
         self.known_clients: set[bytes] = set()
         self.stopping = False
-        self.generated: collections.deque[tuple[float, int]] = collections.deque()
-        self.prompt_tokens_total = 0
-        self.generation_tokens_total = 0
-        logger.info("engine ready in %.1f s: %s, dtype %s, %d KV blocks of %d tokens, "
-                    "max_model_len %d, step budget %d tokens, %s scheduling, TP=%d "
+        self.num_steps_total = 0
+        self._step_times: collections.deque[tuple[float, float]] = collections.deque()
+        self._last_result = 0.0
+        logger.info("engine ready in %.1f s: %s (%s), dtype %s, %s, %s scheduling, TP=%d "
                     "(weights per rank: %s MiB), listening on %s",
-                    time.monotonic() - start, self.info.architecture, self.info.dtype,
-                    self.executor.num_kv_blocks, config.block_size, self.info.max_model_len,
-                    config.max_num_batched_tokens,
+                    time.monotonic() - start, self.info.architecture, self.info.kind,
+                    self.info.dtype, self.info.details, self.runner_info,
                     "async" if config.async_scheduling else "sync", config.tensor_parallel_size,
                     ", ".join(f"{b / 2**20:.1f}" for b in self.executor.weight_bytes),
                     config.listen)
@@ -113,7 +109,7 @@ class EngineCore:
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
             self._receive(timeout_ms=100)
-            for identity, _msg_type, _msg in self.pending:
+            for identity, _msg_type, _msg, _arrays in self.pending:
                 if identity not in answered:
                     answered.add(identity)
                     self._send(identity, MsgType.ERROR,
@@ -148,17 +144,29 @@ class EngineCore:
         """Send the next plan (if there is work), then apply the oldest plan's result once
         `max_in_flight` plans are out or nothing new was sent."""
         plan = self.scheduler.schedule()
-        sent = bool(plan.num_scheduled_tokens or plan.finished_request_ids)
-        if sent:
+        if plan is not None:
             self.executor.execute(plan)
-            self.in_flight.append(plan)
-        if self.in_flight and (len(self.in_flight) >= self.max_in_flight or not sent):
-            done = self.in_flight.popleft()
-            result = self.executor.wait_result(on_idle=lambda: self._receive(timeout_ms=0))
-            if result.step_id != done.step_id:
-                raise EngineDead(f"worker answered step {result.step_id}, expected "
-                                 f"{done.step_id}")
-            self._send_outputs(self.scheduler.update_from_output(done, result))
+            self.in_flight.append((plan, time.monotonic()))
+        if self.in_flight and (len(self.in_flight) >= self.max_in_flight or plan is None):
+            done, sent_at = self.in_flight.popleft()
+            result, frames = self.executor.wait_result(
+                on_idle=lambda: self._receive(timeout_ms=0))
+            if result.step_id != done.step_id or type(result).__struct_config__.tag != \
+                    type(done).__struct_config__.tag:
+                raise EngineDead(f"worker answered step {result.step_id} "
+                                 f"({type(result).__name__}), expected {done.step_id}")
+            self._record_step(sent_at)
+            self._send_outputs(self.scheduler.update_from_output(done, result, frames), frames)
+
+    def _record_step(self, sent_at: float) -> None:
+        """A step's time: from when the workers could start it (its plan sent, or the step
+        before it done) to its result."""
+        now = time.monotonic()
+        self._step_times.append((now, now - max(sent_at, self._last_result)))
+        self._last_result = now
+        self.num_steps_total += 1
+        while now - self._step_times[0][0] > 10.0:
+            self._step_times.popleft()
 
     # ---- inputs ----------------------------------------------------------------------------
 
@@ -172,20 +180,19 @@ class EngineCore:
             except zmq.Again:
                 return
             try:
-                msg_type, msg = decode(frames)
+                msg_type, msg, arrays = decode(frames)
             except InvalidRequest as e:
                 self._send(identity, MsgType.ERROR, ErrorMsg(type(e).__name__, e.message))
                 continue
-            self.pending.append((identity, msg_type, msg))
+            self.pending.append((identity, msg_type, msg, arrays))
 
     def _apply_inputs(self) -> None:
         pending, self.pending = self.pending, []
-        for identity, msg_type, msg in pending:
+        for identity, msg_type, msg, _arrays in pending:
             if msg_type == MsgType.REQUEST:
                 self._add_request(identity, msg)
             elif msg_type == MsgType.ABORT:
-                self._send_outputs(finished_outputs(self.scheduler.abort_requests(
-                    msg.request_ids)))
+                self._send_outputs(self.scheduler.abort_requests(msg.request_ids))
             elif msg_type == MsgType.HELLO:
                 self._hello(identity, msg)
             elif msg_type == MsgType.PING:
@@ -205,50 +212,31 @@ class EngineCore:
             return
         self.known_clients.add(identity)
         self._send(identity, MsgType.READY, Ready(PROTOCOL_VERSION, SCHEMA_HASH, self.info,
-                                                  self.executor.num_kv_blocks,
-                                                  self.config.block_size))
+                                                  self.runner_info))
 
-    def _add_request(self, identity: bytes, req: EngineRequest) -> None:
+    def _add_request(self, identity: bytes, req: Request) -> None:
         self.known_clients.add(identity)
         try:
-            self._validate(req)
-            self.scheduler.add_request(
-                Request.from_engine_request(req, identity, self.info.max_model_len))
+            self.scheduler.add_request(req, identity)
         except ZomniError as e:
-            out = EngineOutput(req.request_id, [], finish_reason=FinishReason.ERROR,
-                               error=e.message, error_kind=type(e).__name__)
+            out = self.scheduler.error_output(req.request_id, e)
             self._send(identity, MsgType.OUTPUTS, EngineOutputs([out], time.time()))
-
-    def _validate(self, req: EngineRequest) -> None:
-        """What the scheduler cannot check: token ids the model can embed, and n == 1.
-
-        Prompt length and duplicate ids are checked by `Scheduler.add_request`.
-        """
-        vocab = self.info.vocab_size
-        if req.prompt_token_ids and not (min(req.prompt_token_ids) >= 0
-                                         and max(req.prompt_token_ids) < vocab):
-            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        if req.sampling.n != 1:
-            raise InvalidRequest("the engine serves n=1 requests; the client fans out n > 1",
-                                 param="n")
 
     # ---- outputs ---------------------------------------------------------------------------
 
-    def _send_outputs(self, outputs: dict[bytes, list[EngineOutput]]) -> None:
+    def _send_outputs(self, outputs: Outputs, frames: list | tuple = ()) -> None:
+        """One OUTPUTS message per client; arrays the outputs point at go with their client's
+        message as extra frames (`regroup` renumbers the references)."""
         now = time.time()
-        n_new = 0
         for identity, outs in outputs.items():
             if outs:
-                self._send(identity, MsgType.OUTPUTS, EngineOutputs(outs, now))
-            for out in outs:
-                n_new += len(out.new_token_ids)
-                self.prompt_tokens_total += out.num_prompt_tokens
-        self.generation_tokens_total += n_new
-        self.generated.append((time.monotonic(), n_new))
+                arrays = regroup(outs, frames) if frames else ()
+                self._send(identity, MsgType.OUTPUTS, EngineOutputs(outs, now), arrays)
 
-    def _send(self, identity: bytes, msg_type: MsgType, msg) -> None:
+    def _send(self, identity: bytes, msg_type: MsgType, msg, arrays=()) -> None:
         try:
-            self.clients.send_multipart([identity, *encode(msg_type, msg)], flags=zmq.NOBLOCK)
+            self.clients.send_multipart([identity, *encode(msg_type, msg, arrays)],
+                                        flags=zmq.NOBLOCK, copy=not arrays)
         except zmq.ZMQError as e:  # a client that went away must not take the engine down
             logger.warning("dropping %s for a client that is gone: %s", msg_type.name, e)
 
@@ -257,18 +245,9 @@ class EngineCore:
             self._send(identity, MsgType.ENGINE_DEAD, EngineDeadMsg(reason))
 
     def stats(self) -> Stats:
-        now = time.monotonic()
-        while self.generated and now - self.generated[0][0] > 10.0:
-            self.generated.popleft()
-        span = now - self.generated[0][0] if len(self.generated) > 1 else 0.0
-        rate = sum(n for _, n in self.generated) / span if span > 0 else 0.0
-        s = self.scheduler.get_stats()
-        return Stats(num_waiting=s["num_waiting"], num_running=s["num_running"],
-                     kv_usage=s["kv_usage"], num_kv_blocks=self.executor.num_kv_blocks,
-                     prefix_cache_hit_rate=s["prefix_cache_hit_rate"],
-                     generation_tokens_per_s=rate, prompt_tokens_total=self.prompt_tokens_total,
-                     generation_tokens_total=self.generation_tokens_total,
-                     num_preemptions=s["num_preemptions"])
+        times = [t for _, t in self._step_times]
+        return Stats(scheduler=self.scheduler.get_stats(), num_steps_total=self.num_steps_total,
+                     step_time_s=sum(times) / len(times) if times else 0.0)
 
     def shutdown(self, failed: bool = False) -> None:
         """Stop the workers; after a failure without waiting for them (some may be stuck in a

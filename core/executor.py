@@ -5,9 +5,12 @@
 
 A plan is encoded once and the same frames are sent to every rank. Only rank 0 answers.
 
+The executor never looks inside a plan or a result: it serves every model kind alike. Ranks
+report what they resolved (defaults that follow the device) in WORKER_READY; they must agree.
+
 Failure handling (the invariant: an Executor that raises has left no worker process behind):
-- the tensor-parallel size is checked against the model's heads before any worker starts;
-- a worker that fails to start, exits, or answers with an error raises `EngineDead` naming the
+- the tensor-parallel size was checked against the model (`read_model_info`) before;
+- a worker that fails to start, exits, or sends WORKER_ERROR raises `EngineDead` naming the
   rank. When one rank dies, its peers usually fail a collective a moment later; the message
   names the rank that went first (killed, or exited without an error report) before the ranks
   that merely reported the broken collective.
@@ -20,9 +23,7 @@ nccl then pick their own ports, bound by the OS).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -30,89 +31,26 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import zmq
 
 from zomni._process import new_ipc_address
-from zomni.proto import (
-    EngineConfig,
-    EngineDead,
-    InvalidRequest,
-    ModelRunnerOutput,
-    MsgType,
-    decode,
-    encode,
-)
+from zomni.proto import EngineConfig, EngineDead, InvalidRequest, MsgType, decode, encode
 from zomni.proto.config import WorkerConfig, to_json
-from zomni.proto.messages import SchedulerOutput, Shutdown, WorkerReady
+from zomni.proto.messages import (
+    ImageRunnerInfo,
+    Shutdown,
+    StepPlan,
+    StepResult,
+    TokenRunnerInfo,
+    WorkerReady,
+)
+from zomni.workers.device import worker_env
 
 logger = logging.getLogger("zomni.engine")
 
 _POLL_MS = 200  # how often a waiting executor checks that its workers are still alive
 _GRACE_S = 1.0  # after a death: how long to wait for the other ranks' error reports
-
-
-def check_tensor_parallel(model_dir: str, tp: int) -> None:
-    """Raise `InvalidRequest` unless `tp` ranks can split the model's heads and MLP evenly.
-
-    Attention heads must divide evenly; KV heads either divide evenly or are replicated
-    (then `tp` must be a multiple of their number), as in `QKVParallelLinear`.
-    """
-    if tp == 1:
-        return
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    heads = int(cfg["num_attention_heads"])
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    inter = int(cfg.get("intermediate_size", 0))
-    if tp > heads or heads % tp:
-        reason = f"must divide the model's {heads} attention heads"
-    elif kv_heads % tp and tp % kv_heads:
-        reason = f"must divide the model's {kv_heads} KV heads or be a multiple of them"
-    elif inter % tp:
-        reason = f"must divide the model's intermediate_size {inter}"
-    else:
-        return
-    raise InvalidRequest(f"tensor_parallel_size={tp} {reason}", param="tensor_parallel_size")
-
-
-# glibc malloc for workers: transparent huge pages, and freed memory kept for reuse
-_MALLOC_TUNABLES = {
-    "glibc.malloc.hugetlb": "1",
-    "glibc.malloc.mmap_threshold": str(32 * 2**20),  # the most glibc allows
-    "glibc.malloc.trim_threshold": str(2**40),
-}
-
-
-def worker_env() -> dict[str, str]:
-    """The workers' environment: OpenMP threads that spin only briefly when idle, and a malloc
-    that keeps activations for reuse (on huge pages). The user's own settings win.
-
-    A spinning OpenMP thread holds its core while it waits. With more threads than free cores
-    (the engine core, a frontend, or another job awake) a long-spinning team collapses: on a
-    shared 2-core machine W ran at 94 tok/s with GOMP's default spin, 289 with passive waits.
-    Passive waits cost the quiet case instead (W: 624 vs 708 tok/s); a short spin keeps the
-    quiet speed (711) and bounds what an idle worker steals.
-
-    Huge pages (glibc >= 2.35 madvises its heap and mmaps; kernels in THP "madvise" mode honour
-    it, older glibc ignores the tunables) paid ~14% on W while the KV cache came from malloc.
-    It now has its own mmap (model_runner._zeros), and the setting measures neutral (W 1826 /
-    1454 / 1472 tok/s with it, 1693 / 1488 / 1546 without, paired).
-
-    By default glibc serves each step's large activations (up to tens of MB) with fresh mmaps
-    or trims them back to the kernel, which then clears new pages every step (clear_page was
-    the top kernel symbol): a 2048-token prefill step took ~480 instead of ~390 ms, and W ran
-    at 1211-1361 instead of 1447-1689 tok/s. Allocations under 32 MiB now stay in the heap,
-    which is never trimmed.
-    """
-    env = dict(os.environ)
-    if "OMP_WAIT_POLICY" not in env:
-        env.setdefault("GOMP_SPINCOUNT", "10000")
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-    given = {t.split("=")[0] for t in tunables}
-    tunables += [f"{k}={v}" for k, v in _MALLOC_TUNABLES.items() if k not in given]
-    env["GLIBC_TUNABLES"] = ":".join(tunables)
-    return env
 
 
 def _error_line(error: str) -> str:
@@ -123,9 +61,8 @@ def _error_line(error: str) -> str:
 
 
 class Executor:
-    def __init__(self, config: EngineConfig, ctx: zmq.Context, max_model_len: int,
+    def __init__(self, config: EngineConfig, ctx: zmq.Context, max_model_len: int = 0,
                  startup_timeout: float = 600.0, on_idle: Callable[[], None] | None = None):
-        check_tensor_parallel(config.model, config.tensor_parallel_size)
         self.config = config
         self.world_size = config.tensor_parallel_size
         self.socket = ctx.socket(zmq.ROUTER)
@@ -134,6 +71,7 @@ class Executor:
         self.socket.bind(self.address)
         self.dist_dir = tempfile.mkdtemp(prefix="zomni-dist-")
         self.errors: dict[int, str] = {}  # rank -> error a worker reported
+        self._ranks = {f"rank{r}".encode(): r for r in range(self.world_size)}
         self.procs: list[subprocess.Popen] = []
         try:
             for rank in range(self.world_size):
@@ -147,11 +85,14 @@ class Executor:
         except BaseException:
             self.shutdown(graceful=False)
             raise
-        self.num_kv_blocks = min(r.num_kv_blocks for r in ready)
-        self.weight_bytes = [r.weight_bytes for r in sorted(ready, key=lambda r: r.rank)]
+        ready.sort(key=lambda r: r.rank)
+        if any(r.runner != ready[0].runner for r in ready):
+            self.shutdown(graceful=False)
+            raise EngineDead("worker ranks resolved different settings: "
+                             + "; ".join(f"rank {r.rank}: {r.runner}" for r in ready))
+        self.runner_info: TokenRunnerInfo | ImageRunnerInfo = ready[0].runner
+        self.weight_bytes = [r.weight_bytes for r in ready]
         self.dtype = ready[0].dtype
-        self.max_num_batched_tokens = ready[0].max_num_batched_tokens
-        self.block_size = ready[0].block_size
 
     def _wait_ready(self, timeout: float, on_idle: Callable[[], None]) -> list[WorkerReady]:
         ready: dict[int, WorkerReady] = {}
@@ -165,23 +106,31 @@ class Executor:
             got = self._recv(_POLL_MS)
             if got is None:
                 continue
-            rank, msg_type, msg = got
+            rank, msg_type, msg, _ = got
             if msg_type == MsgType.WORKER_READY:
                 ready[msg.rank] = msg
-            elif msg_type == MsgType.STEP_RESULT and msg.error:
+            elif msg_type == MsgType.WORKER_ERROR:
                 self._raise_dead(rank, starting=True)
         return list(ready.values())
 
-    def _recv(self, timeout_ms: int) -> tuple[int, MsgType, object] | None:
-        """(rank, type, message) of the next worker message; error reports are recorded."""
+    def _recv(self, timeout_ms: int) -> tuple[int, MsgType, object, list] | None:
+        """(rank, type, message, extra frames) of the next worker message; error reports are
+        recorded."""
         if not self.socket.poll(timeout_ms):
             return None
-        identity, *frames = self.socket.recv_multipart()
-        rank = int(identity.decode().removeprefix("rank"))
-        msg_type, msg = decode(frames)
-        if msg_type == MsgType.STEP_RESULT and msg.error:
+        identity, *frames = self.socket.recv_multipart(copy=False)
+        rank = self._ranks.get(bytes(identity))
+        if rank is None:  # not one of our workers: nothing it sends is read
+            logger.warning("ignoring a message from unknown peer %r on the worker socket",
+                           bytes(identity)[:64])
+            return None
+        try:
+            msg_type, msg, extra = decode(frames)
+        except InvalidRequest as e:
+            raise EngineDead(f"worker rank {rank} sent an undecodable message: {e}") from None
+        if msg_type == MsgType.WORKER_ERROR:
             self.errors[rank] = msg.error
-        return rank, msg_type, msg
+        return rank, msg_type, msg, extra
 
     def check_alive(self, starting: bool = False) -> None:
         for rank, proc in enumerate(self.procs):
@@ -212,26 +161,26 @@ class Executor:
             return f"was killed by {signal.Signals(-code).name}{when}"
         return f"exited with code {code}{when}"
 
-    def execute(self, plan: SchedulerOutput) -> None:
+    def execute(self, plan: StepPlan) -> None:
         """Send the plan to every rank without waiting (the engine overlaps input handling)."""
         frames = encode(MsgType.STEP, plan)
         for rank in range(self.world_size):
             self.socket.send_multipart([f"rank{rank}".encode(), *frames], copy=False)
 
-    def wait_result(self, on_idle: Callable[[], None]) -> ModelRunnerOutput:
-        """Block until rank 0 answers; `on_idle` runs whenever the engine may do other work."""
+    def wait_result(self, on_idle: Callable[[], None]) -> tuple[StepResult, list]:
+        """Block until rank 0 answers: (its result, the result's extra frames); `on_idle` runs
+        whenever the engine may do other work."""
         while True:
             on_idle()
             got = self._recv(_POLL_MS)
             if got is None:
                 self.check_alive()
                 continue
-            rank, msg_type, msg = got
-            if msg_type != MsgType.STEP_RESULT:
-                continue
-            if msg.error:
+            rank, msg_type, msg, extra = got
+            if msg_type == MsgType.WORKER_ERROR:
                 self._raise_dead(rank)
-            return msg
+            if msg_type == MsgType.STEP_RESULT:
+                return msg, extra
 
     def shutdown(self, timeout: float = 10.0, graceful: bool = True) -> None:
         """Ask every worker to exit, then terminate (and finally kill) the stragglers.

@@ -1,4 +1,5 @@
-"""`Scheduler`: continuous batching over paged KV blocks, one rule and no phases.
+"""`TokenScheduler`: continuous batching of LLM requests over paged KV blocks, one rule and no
+phases.
 
 Every step each request's `num_computed_tokens` catches up with its `num_tokens` as far as the
 token budget allows. That one rule covers prefill (many tokens behind), chunked prefill (more
@@ -17,8 +18,11 @@ its length limit is not scheduled again.
 
 from __future__ import annotations
 
+import collections
 import logging
+import time
 from collections import defaultdict
+from collections.abc import Sequence
 
 from zomni.proto import (
     CachedRequestData,
@@ -26,16 +30,22 @@ from zomni.proto import (
     EngineConfig,
     EngineOutput,
     EngineOverloaded,
+    EngineRequest,
     FinishReason,
     InvalidRequest,
     ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
+    TokenModelInfo,
+    TokenRunnerInfo,
+    TokenStats,
+    ZomniError,
 )
 
 from .kv_cache_manager import KVCacheManager
 from .request import Request, RequestStatus
 from .request_queue import RequestQueue
+from .scheduler_interface import Outputs
 
 logger = logging.getLogger("zomni.scheduler")
 
@@ -60,7 +70,7 @@ class _StepPlan:
         self.cached_requests.pop(request_id, None)
 
 
-class Scheduler:
+class TokenScheduler:
     """Decides, each step, which tokens of which requests the workers compute.
 
     Invariants:
@@ -76,33 +86,44 @@ class Scheduler:
       Workers drop those before adding the plan's new requests.
     """
 
-    def __init__(self, config: EngineConfig, num_kv_blocks: int, max_model_len: int,
-                 eos_token_ids: list[int]):
-        if config.max_num_batched_tokens is None:
-            raise ValueError("the step budget must be resolved (the workers report it)")
-        kv_capacity = num_kv_blocks * config.block_size
+    def __init__(self, config: EngineConfig, model: TokenModelInfo, runner: TokenRunnerInfo):
+        num_kv_blocks, block_size = runner.num_kv_blocks, runner.block_size
+        max_model_len = model.max_model_len
+        kv_capacity = num_kv_blocks * block_size
         if kv_capacity < max_model_len:
             logger.warning("%d KV blocks of %d tokens hold %d tokens, less than max_model_len "
-                           "(%d): requests stop at %d tokens", num_kv_blocks, config.block_size,
+                           "(%d): requests stop at %d tokens", num_kv_blocks, block_size,
                            kv_capacity, max_model_len, kv_capacity)
         self.config = config
+        self.model = model
+        self.block_size = block_size
+        self.max_num_batched_tokens = runner.max_num_batched_tokens  # as the workers resolved
         self.max_model_len = max_model_len
         # A request must fit the KV cache alone, or it would preempt itself forever.
         self.max_num_tokens = min(max_model_len, kv_capacity)
-        self.eos_token_ids = frozenset(eos_token_ids)
-        self.kv_cache_manager = KVCacheManager(num_kv_blocks, config.block_size,
-                                               config.enable_prefix_caching)
+        self.eos_token_ids = frozenset(model.eos_token_ids)
+        prefix_caching = config.enable_prefix_caching is not False  # on unless turned off
+        self.kv_cache_manager = KVCacheManager(num_kv_blocks, block_size, prefix_caching)
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting = RequestQueue()
         self.running: list[Request] = []
         self.finished_req_ids: list[str] = []  # for the next plan's finished_request_ids
         self.step_id = 0
         self.num_preemptions = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self._generated: collections.deque[tuple[float, int]] = collections.deque()
 
     # ---- requests in and out --------------------------------------------------------------
 
-    def add_request(self, request: Request) -> None:
-        """Queue a request; `EngineOverloaded` when the waiting queue is full."""
+    def add_request(self, request: EngineRequest | Request, client_id: bytes = b"") -> None:
+        """Queue a request; `EngineOverloaded` when the waiting queue is full.
+
+        A wire request is checked for what only the engine can check (token ids the model
+        can embed, n == 1) and becomes a runtime `Request`; tests may queue a `Request`.
+        """
+        if not isinstance(request, Request):
+            request = self._from_wire(request, client_id)
         if len(self.waiting) >= self.config.max_waiting_requests:
             raise EngineOverloaded(f"{len(self.waiting)} requests are already waiting; "
                                    "retry later")
@@ -114,18 +135,33 @@ class Scheduler:
             raise ContextLengthExceeded(
                 f"the prompt has {request.num_prompt_tokens} tokens; this engine serves at most "
                 f"{self.max_num_tokens - 1} (max_model_len {self.max_model_len}, KV cache "
-                f"{self.kv_cache_manager.num_blocks * self.config.block_size} tokens, "
+                f"{self.kv_cache_manager.num_blocks * self.block_size} tokens, "
                 "and one token must be generated)", param="prompt")
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.push(request)
 
-    def abort_requests(self, request_ids: list[str]) -> list[Request]:
-        """Finish the given requests as aborted; returns those that existed and were unfinished.
+    def _from_wire(self, req: EngineRequest, client_id: bytes) -> Request:
+        if not isinstance(req, EngineRequest):
+            raise InvalidRequest("this engine serves an LLM: send an EngineRequest (token ids "
+                                 "and SamplingParams)", param="model")
+        vocab = self.model.vocab_size
+        if req.prompt_token_ids and not (min(req.prompt_token_ids) >= 0
+                                         and max(req.prompt_token_ids) < vocab):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if req.sampling.n != 1:
+            raise InvalidRequest("the engine serves n=1 requests; the client fans out n > 1",
+                                 param="n")
+        return Request.from_engine_request(req, client_id, self.max_model_len)
 
-        Their blocks are freed now; ids the worker holds go into the next plan's
-        `finished_request_ids`. `finished_outputs(aborted)` builds their final outputs.
-        """
+    def error_output(self, request_id: str, error: ZomniError) -> EngineOutput:
+        return EngineOutput(request_id, [], finish_reason=FinishReason.ERROR,
+                            error=error.message, error_kind=type(error).__name__)
+
+    def abort_requests(self, request_ids: Sequence[str]) -> Outputs:
+        """Finish the given requests as aborted; the final outputs of those that existed and
+        were unfinished. Their blocks are freed now; ids the worker holds go into the next
+        plan's `finished_request_ids`."""
         aborted = []
         for request_id in request_ids:
             request = self.requests.get(request_id)
@@ -137,7 +173,10 @@ class Scheduler:
                 self.waiting.remove(request)
             self._finish(request, RequestStatus.FINISHED_ABORTED)
             aborted.append(request)
-        return aborted
+        outputs = finished_outputs(aborted)
+        self.prompt_tokens_total += sum(o.num_prompt_tokens for outs in outputs.values()
+                                        for o in outs)
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -146,16 +185,23 @@ class Scheduler:
         """True while the request is unfinished (waiting, running or preempted)."""
         return request_id in self.requests
 
-    def get_stats(self) -> dict[str, float | int]:
-        """Scheduler-side fields of `proto.Stats`; the engine adds token counts and rates."""
+    def get_stats(self) -> TokenStats:
+        now = time.monotonic()
+        while self._generated and now - self._generated[0][0] > 10.0:
+            self._generated.popleft()
+        span = now - self._generated[0][0] if len(self._generated) > 1 else 0.0
+        rate = sum(n for _, n in self._generated) / span if span > 0 else 0.0
         kv = self.kv_cache_manager
-        return {"num_waiting": len(self.waiting), "num_running": len(self.running),
-                "kv_usage": kv.usage, "num_kv_blocks": kv.num_blocks,
-                "prefix_cache_hit_rate": kv.hit_rate, "num_preemptions": self.num_preemptions}
+        return TokenStats(num_waiting=len(self.waiting), num_running=len(self.running),
+                          kv_usage=kv.usage, num_kv_blocks=kv.num_blocks,
+                          prefix_cache_hit_rate=kv.hit_rate, generation_tokens_per_s=rate,
+                          prompt_tokens_total=self.prompt_tokens_total,
+                          generation_tokens_total=self.generation_tokens_total,
+                          num_preemptions=self.num_preemptions)
 
     # ---- schedule -------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self) -> SchedulerOutput | None:
         """Build the next step plan and advance the scheduled requests' `num_computed_tokens`.
 
         Running requests come first, in admission order, each getting
@@ -171,7 +217,7 @@ class Scheduler:
         its token count. Once the plan is built, `request.num_computed_tokens` already includes
         `n` (as in vLLM v1), so the scheduler state runs one step ahead of the worker.
         """
-        plan = _StepPlan(self.config.max_num_batched_tokens)
+        plan = _StepPlan(self.max_num_batched_tokens)
         if not self._schedule_running(plan):
             self._schedule_waiting(plan)
         for request_id, num_tokens in plan.num_scheduled_tokens.items():
@@ -180,13 +226,15 @@ class Scheduler:
             if (request.num_computed_tokens
                     == request.num_tokens + request.num_output_placeholders):
                 request.num_output_placeholders += 1  # samples in this step
+        if not plan.num_scheduled_tokens and not self.finished_req_ids:
+            return None  # nothing to compute, nothing to drop
         self.step_id += 1
         finished, self.finished_req_ids = self.finished_req_ids, []
         return SchedulerOutput(
             step_id=self.step_id, new_requests=plan.new_requests,
             cached_requests=list(plan.cached_requests.values()),
             num_scheduled_tokens=plan.num_scheduled_tokens, finished_request_ids=finished,
-            total_num_scheduled_tokens=self.config.max_num_batched_tokens - plan.budget)
+            total_num_scheduled_tokens=self.max_num_batched_tokens - plan.budget)
 
     def _schedule_running(self, plan: _StepPlan) -> bool:
         """Schedule running requests; True when any request was preempted."""
@@ -260,19 +308,19 @@ class Scheduler:
     # ---- update ---------------------------------------------------------------------------
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
-                           runner_output: ModelRunnerOutput) -> dict[bytes, list[EngineOutput]]:
+                           runner_output: ModelRunnerOutput, frames: Sequence = ()) -> Outputs:
         """Apply one step's sampled tokens; returns each client's outputs for this step.
 
         This is the only place that loops over the sampled tokens. Blocks that became full in
         this step are registered in the prefix cache first (their KV is written now), then each
         sampling request gets its token, is checked for a stop, and finishing ones free their
         blocks. Requests that did not sample (a partial prefill chunk) produce no output;
-        requests aborted since the plan was made are skipped. `runner_output.error` is the
-        engine's business, not handled here.
+        requests aborted since the plan was made are skipped.
         """
         self._cache_computed_blocks(scheduler_output)
         logprobs = runner_output.logprobs or [None] * len(runner_output.request_ids)
         outputs: dict[bytes, list[EngineOutput]] = defaultdict(list)
+        num_new = 0
         for request_id, token_id, token_logprobs in zip(
                 runner_output.request_ids, runner_output.sampled_token_ids, logprobs):
             request = self.requests.get(request_id)
@@ -295,6 +343,10 @@ class Scheduler:
                 self._finish(request, status)
                 output.finish_reason = request.finish_reason
             outputs[request.client_id].append(output)
+            self.prompt_tokens_total += output.num_prompt_tokens
+            num_new += 1
+        self.generation_tokens_total += num_new
+        self._generated.append((time.monotonic(), num_new))
         return dict(outputs)
 
     def _cache_computed_blocks(self, scheduler_output: SchedulerOutput) -> None:

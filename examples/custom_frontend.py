@@ -45,7 +45,7 @@ def main() -> None:
     def recv():
         if not sock.poll(int(args.timeout * 1000)):
             raise SystemExit(f"no message from the engine in {args.timeout:.0f} s")
-        msg_type, msg = decode(sock.recv_multipart())
+        msg_type, msg, _ = decode(sock.recv_multipart())
         if msg_type in (MsgType.ERROR, MsgType.ENGINE_DEAD):
             raise SystemExit(f"engine says {msg_type.name}: {msg}")
         return msg_type, msg
@@ -53,7 +53,7 @@ def main() -> None:
     sock.send_multipart(encode(MsgType.HELLO, Hello(PROTOCOL_VERSION, SCHEMA_HASH, "custom")))
     _, ready = recv()
     print(f"connected: {ready.model.model} ({ready.model.architecture}), "
-          f"max_model_len {ready.model.max_model_len}")
+          f"max_model_len {ready.model.details.max_model_len}")
 
     request_id = uuid.uuid4().hex
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)

@@ -37,7 +37,7 @@ class _Base:
         self.engine: EngineProcess | None = EngineProcess(self.config)
 
     def _states(self, children: list[EngineRequest]) -> list[RequestState]:
-        eos = self.model_info.eos_token_ids
+        eos = self.model_info.details.eos_token_ids
         return [RequestState(c.request_id, i, c.prompt_token_ids, c.sampling, self.tokenizer, eos)
                 for i, c in enumerate(children)]
 
@@ -214,7 +214,7 @@ class AsyncLLM(_Base):
     async def _pump(self, child: EngineRequest, state: RequestState, queue: asyncio.Queue):
         try:
             stream = self.client.generate(child)
-            async for out in stream:
+            async for out, _ in stream:
                 _delta, _ids, stop_hit = state.update(out)
                 queue.put_nowait(state)
                 if stop_hit:

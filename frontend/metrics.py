@@ -8,10 +8,12 @@ queue and KV gauges are the engine's, refreshed from its `Stats` on each scrape.
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from zomni.proto import Stats
+from zomni.proto import ModelKind, Stats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0)
@@ -49,9 +51,9 @@ class Metrics:
 
     def render(self, stats: Stats | None) -> bytes:
         if stats is not None:
-            self.running.set(stats.num_running)
-            self.waiting.set(stats.num_waiting)
-            self.kv_usage.set(stats.kv_usage)
+            self.running.set(stats.scheduler.num_running)
+            self.waiting.set(stats.scheduler.num_waiting)
+            self.kv_usage.set(stats.scheduler.kv_usage)
         return generate_latest(self.registry)
 
 
@@ -86,3 +88,10 @@ class SequenceTimer:
             self.metrics.prompt_tokens.inc(num_prompt_tokens)
             self.metrics.generation_tokens.inc(self.num_tokens)
             self.metrics.e2e.observe(self.last - self.arrival)
+
+
+def flat_stats(stats: Stats) -> dict[str, Any]:
+    """/stats's JSON: the scheduler's figures (per model kind) beside the engine loop's."""
+    return {"kind": str(ModelKind(type(stats.scheduler).__struct_config__.tag)),
+            **msgspec.structs.asdict(stats.scheduler),
+            "num_steps_total": stats.num_steps_total, "step_time_s": stats.step_time_s}

@@ -38,7 +38,7 @@ from zomni.proto.config import from_env
 
 from . import openai_protocol as oai
 from .launch import EngineProcess, served_name
-from .metrics import Metrics
+from .metrics import Metrics, flat_stats
 from .serving import OpenAIServing, error_response, json_response
 from .tokenizer import apply_chat_template, load_tokenizer
 
@@ -118,7 +118,8 @@ class EngineLink:
         self.serving = OpenAIServing(self.client, tokenizer, info, [name], Metrics(name),
                                      self.config.max_inflight_requests)
         logger.info("engine ready: %s (%s, max_model_len %d, %d KV blocks); serving it as %r",
-                    info.model, info.architecture, info.max_model_len, ready.num_kv_blocks, name)
+                    info.model, info.architecture, info.details.max_model_len,
+                    ready.runner.num_kv_blocks, name)
         self._die(await self._watch())
 
     async def _watch(self) -> str:
@@ -178,7 +179,7 @@ async def models(request: web.Request) -> web.Response:
     serving = _serving(request)
     created = int(time.time())
     return json_response({"object": "list", "data": [
-        oai.model_card(name, serving.info.model, serving.info.max_model_len, created)
+        oai.model_card(name, serving.info.model, serving.info.details.max_model_len, created)
         for name in serving.model_names]})
 
 
@@ -190,7 +191,7 @@ async def health(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     serving = _serving(request)
     engine_stats = await asyncio.wait_for(serving.client.get_stats(), _STATS_TIMEOUT_S)
-    return json_response({**msgspec.structs.asdict(engine_stats),
+    return json_response({**flat_stats(engine_stats),
                           "frontend_requests_in_flight": serving.inflight})
 
 
@@ -215,7 +216,8 @@ async def tokenize(request: web.Request) -> web.Response:
                                   add_generation_prompt=body.add_generation_prompt)
     else:
         ids = serving.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-    return json_response({"count": len(ids), "max_model_len": serving.info.max_model_len,
+    return json_response({"count": len(ids),
+                          "max_model_len": serving.info.details.max_model_len,
                           "tokens": ids})
 
 

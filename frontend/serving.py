@@ -91,7 +91,7 @@ class OpenAIServing:
     # ---- requests in ----------------------------------------------------------------------
 
     def _check_prompt(self, ids: list[int], max_tokens: int | None, param: str) -> None:
-        n, limit, vocab = len(ids), self.info.max_model_len, self.info.vocab_size
+        n, limit, vocab = len(ids), self.info.details.max_model_len, self.info.details.vocab_size
         if n == 0:
             raise InvalidRequest("the prompt is empty", param=param)
         if min(ids) < 0 or max(ids) >= vocab:
@@ -118,7 +118,7 @@ class OpenAIServing:
                 else self.tokenizer.decode(ids)
             for j, child in enumerate(child_requests(f"{base_id}-{i}", ids, params, priority)):
                 state = RequestState(child.request_id, i * params.n + j, ids, child.sampling,
-                                     self.tokenizer, self.info.eos_token_ids)
+                                     self.tokenizer, self.info.details.eos_token_ids)
                 seqs.append(Sequence(state, child, SequenceTimer(self.metrics), prompt_text,
                                      counts_prompt=j == 0))
         return seqs
@@ -148,7 +148,7 @@ class OpenAIServing:
 
     async def _run(self, seq: Sequence) -> AsyncIterator[tuple[Sequence, str]]:
         async with aclosing(self.client.generate(seq.request)) as stream:
-            async for out in stream:
+            async for out, _ in stream:
                 delta, new_ids, stop_hit = seq.state.update(out)
                 seq.timer.on_output(len(new_ids))
                 yield seq, delta

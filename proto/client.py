@@ -2,7 +2,9 @@
 
 A client is a DEALER with a unique identity connected to the engine's ROUTER. It says HELLO and
 waits for READY (which carries the model info), then sends REQUEST / ABORT and receives one
-OUTPUTS message per engine step holding the outputs of its own requests only.
+OUTPUTS message per engine step holding the outputs of its own requests only. Outputs come with
+their message's extra frames (raw arrays: an image output's pixels); an output's `ArrayRef`s
+index them (`arrays.read_array`).
 
 `EngineClient` is blocking (the offline `LLM` uses it); `AsyncEngineClient` runs on asyncio and
 routes outputs to one queue per request (the HTTP frontend and `AsyncLLM` use it).
@@ -24,12 +26,12 @@ from .messages import (
     PROTOCOL_VERSION,
     Abort,
     Empty,
-    EngineOutput,
-    EngineRequest,
     FinishReason,
     Hello,
     MsgType,
+    Output,
     Ready,
+    Request,
     Stats,
 )
 
@@ -52,7 +54,7 @@ def _check_ready(msg_type: MsgType, msg) -> Ready:
     raise ProtocolMismatch(f"expected READY, got {msg_type.name}")
 
 
-def output_error(out: EngineOutput) -> ZomniError | None:
+def output_error(out: Output) -> ZomniError | None:
     """The typed error an ERROR output carries, or None."""
     if out.finish_reason == FinishReason.ERROR:
         return error_from_wire(out.error_kind, out.error)
@@ -74,12 +76,12 @@ class EngineClient:
         while True:
             got = self.recv(timeout_ms=200)
             if got is not None:
-                self.ready = _check_ready(*got)
+                self.ready = _check_ready(*got[:2])
                 return self.ready
             if time.monotonic() > deadline:
                 raise EngineDead(f"engine not ready after {timeout:.0f} s")
 
-    def add_request(self, request: EngineRequest) -> None:
+    def add_request(self, request: Request) -> None:
         self._send(MsgType.REQUEST, request)
 
     def abort(self, request_ids: list[str]) -> None:
@@ -95,13 +97,14 @@ class EngineClient:
                 return got[1]
         raise EngineDead(f"no stats from the engine in {timeout:.0f} s")
 
-    def recv(self, timeout_ms: int) -> tuple[MsgType, object] | None:
-        """One message, or None after `timeout_ms`; raises EngineDead if the engine died."""
+    def recv(self, timeout_ms: int) -> tuple[MsgType, object, list] | None:
+        """(type, message, extra frames) of one message, or None after `timeout_ms`; raises
+        EngineDead if the engine died."""
         if self.socket.poll(timeout_ms):
-            msg_type, msg = decode(self.socket.recv_multipart())
+            msg_type, msg, arrays = decode(self.socket.recv_multipart())
             if msg_type == MsgType.ENGINE_DEAD:
                 raise EngineDead(msg.reason)
-            return msg_type, msg
+            return msg_type, msg, arrays
         if not self.alive():
             raise EngineDead("the engine process exited")
         return None
@@ -156,8 +159,9 @@ class AsyncEngineClient:
         self._watchdog = self._loop.call_later(1.0, self._check_alive)
         return self.ready
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        """Yield the request's outputs until it finishes; abort it if the caller stops early."""
+    async def generate(self, request: Request) -> AsyncIterator[tuple[Output, list]]:
+        """Yield (output, its message's extra frames) until the request finishes; abort it if
+        the caller stops early."""
         if self.dead:
             raise self.dead
         if request.request_id in self._queues:
@@ -168,13 +172,14 @@ class AsyncEngineClient:
         try:
             await self._send(MsgType.REQUEST, request)
             while not finished:
-                out = await queue.get()
-                if isinstance(out, Exception):
-                    raise out
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                out = item[0]
                 if (err := output_error(out)) is not None:
                     raise err
                 finished = out.finish_reason is not None
-                yield out
+                yield item
         finally:
             self._queues.pop(request.request_id, None)
             if not finished and not self.dead:
@@ -209,7 +214,7 @@ class AsyncEngineClient:
         while self.dead is None and self.socket.get(zmq.EVENTS) & zmq.POLLIN:
             frames = self.socket.recv_multipart()
             try:
-                msg_type, msg = decode(frames)
+                msg_type, msg, arrays = decode(frames)
             except InvalidRequest as e:
                 self._fail(EngineDead(f"the engine sent an undecodable message: {e}"))
                 return
@@ -217,7 +222,7 @@ class AsyncEngineClient:
                 for out in msg.outputs:
                     queue = self._queues.get(out.request_id)
                     if queue is not None:
-                        queue.put_nowait(out)
+                        queue.put_nowait((out, arrays))
             elif self.ready is None and self._hello is not None:
                 if not self._hello.done():
                     self._hello.set_result((msg_type, msg))

@@ -9,6 +9,18 @@ Two channels:
 
     client (DEALER) <-> engine core (ROUTER)       HELLO/READY, REQUEST, ABORT, OUTPUTS, ...
     engine core (ROUTER) <-> worker rank r (DEALER) WORKER_READY, STEP, STEP_RESULT, SHUTDOWN
+
+One engine serves one model of one kind (`ModelKind`). What differs by kind is a struct per
+kind in a tagged union (the tag, the kind's number, is the first element of its array):
+
+    kind    request         output          step plan (STEP)         step result (STEP_RESULT)
+    AR      EngineRequest   EngineOutput    SchedulerOutput          ModelRunnerOutput
+    IMAGE   ImageRequest    ImageOutput     DenoiseSchedulerOutput   DenoiseRunnerOutput
+
+A kind's structs share the leading names every process reads without knowing the kind
+(`request_id`, `priority`, `arrival_time`; `finish_reason`, `error`, `error_kind`; `step_id`).
+Arrays (pixels; latents if ever asked for) are not lists of numbers: an `ArrayRef` names an
+extra raw frame of the same message (see `arrays.py`).
 """
 
 from __future__ import annotations
@@ -17,9 +29,19 @@ import enum
 
 import msgspec
 
-from .sampling import SamplingParams
+from .sampling import ImageParams, SamplingParams
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+
+
+class ModelKind(enum.IntEnum):
+    """What an engine serves; also the tag of each kind's structs."""
+
+    AR = 0  # autoregressive LM: an HF `config.json` with a causal-LM architecture
+    IMAGE = 1  # DiT image model: a diffusers pipeline folder (`model_index.json`)
+
+    def __str__(self) -> str:
+        return self.name.lower()
 
 
 class MsgType(enum.IntEnum):
@@ -42,10 +64,11 @@ class MsgType(enum.IntEnum):
     STEP = 21
     STEP_RESULT = 22
     SHUTDOWN = 23
+    WORKER_ERROR = 24
 
 
 class FinishReason(enum.IntEnum):
-    STOP = 0  # EOS or a stop token id (stop strings are found by the frontend)
+    STOP = 0  # AR: EOS or a stop token id (stop strings are found by the frontend); IMAGE: done
     LENGTH = 1  # max_tokens or max_model_len reached
     ABORT = 2  # aborted by the client
     ERROR = 3  # the engine could not serve it; `error` says why
@@ -58,6 +81,18 @@ class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     pass
 
 
+_AR, _IMAGE = int(ModelKind.AR), int(ModelKind.IMAGE)
+
+
+class ArrayRef(_Msg):
+    """An array sent as raw bytes: extra frame `frame` (0 = the first frame after the body),
+    C-contiguous, `dtype` a numpy dtype name ("uint8", "float32", ...)."""
+
+    dtype: str
+    shape: list[int]
+    frame: int
+
+
 # ---- client <-> engine core -------------------------------------------------------------------
 
 
@@ -67,29 +102,88 @@ class Hello(_Msg):
     client_name: str = ""
 
 
-class ModelInfo(_Msg):
-    model: str
-    architecture: str
+class TokenModelInfo(_Msg, tag=_AR):
+    """What a client of an LLM needs: context length, vocabulary, EOS ids."""
+
     max_model_len: int
     vocab_size: int
     eos_token_ids: list[int]
+
+
+class ImageModelInfo(_Msg, tag=_IMAGE):
+    """What a client of an image model needs to build a valid request.
+
+    Sizes are in pixels; `size_multiple` = VAE scale factor x the denoiser's patch size.
+    `conditioning` is "text" (prompts) or "class" (`class_labels` in [0, num_classes)).
+    """
+
+    conditioning: str
+    default_height: int
+    default_width: int
+    size_multiple: int
+    max_height: int
+    max_width: int
+    default_num_steps: int
+    default_guidance_scale: float
+    num_classes: int = 0
+    fixed_size: bool = False  # the denoiser serves its native size only (DiT)
+
+
+class ModelInfo(_Msg):
+    model: str  # the model path the engine loaded (frontends load tokenizers from it)
+    architecture: str  # e.g. LlamaForCausalLM, StableDiffusion3Pipeline, DiTPipeline
     dtype: str
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int
+    details: TokenModelInfo | ImageModelInfo
+
+    @property
+    def kind(self) -> ModelKind:
+        return ModelKind(type(self.details).__struct_config__.tag)
+
+
+class TokenRunnerInfo(_Msg, tag=_AR):
+    """What AR workers resolved at start (defaults follow the device)."""
+
+    num_kv_blocks: int
+    block_size: int  # tokens per KV-cache block
+    max_num_batched_tokens: int  # the step budget
+
+
+class ImageRunnerInfo(_Msg, tag=_IMAGE):
+    """What image workers resolved at start."""
+
+    max_num_seqs: int  # most images in one denoising batch
 
 
 class Ready(_Msg):
     protocol_version: int
     schema_hash: str
     model: ModelInfo
-    num_kv_blocks: int
-    block_size: int
+    runner: TokenRunnerInfo | ImageRunnerInfo
 
 
-class EngineRequest(_Msg):
+class EngineRequest(_Msg, tag=_AR):
+    """A generation request to an LLM."""
+
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
     priority: int = 0  # lower value is served first, as in vLLM
+    arrival_time: float = 0.0
+
+
+class ImageRequest(_Msg, tag=_IMAGE):
+    """A request for `params.n` images (per class label, for class-conditional models).
+
+    Text-conditioned models take `prompt` (tokenized by the workers with the pipeline's own
+    tokenizers, as part of encoding); class-conditioned ones take `class_labels`.
+    """
+
+    request_id: str
+    prompt: str | None = None
+    class_labels: list[int] | None = None
+    params: ImageParams = msgspec.field(default_factory=ImageParams)
+    priority: int = 0
     arrival_time: float = 0.0
 
 
@@ -105,7 +199,7 @@ class TokenLogprobs(_Msg):
     ranks: list[int]  # rank of each token in the full distribution (1 = most likely)
 
 
-class EngineOutput(_Msg):
+class EngineOutput(_Msg, tag=_AR):
     request_id: str
     new_token_ids: list[int]
     finish_reason: FinishReason | None = None
@@ -116,23 +210,52 @@ class EngineOutput(_Msg):
     error_kind: str = ""
 
 
+class ImageOutput(_Msg, tag=_IMAGE):
+    """An image request's result: `pixels` uint8 [num_images, height, width, 3] (RGB), sent
+    once the request is done, or `error`."""
+
+    request_id: str
+    finish_reason: FinishReason | None = None
+    pixels: ArrayRef | None = None
+    num_steps: int = 0  # denoising steps it ran
+    error: str = ""
+    error_kind: str = ""
+
+
 class EngineOutputs(_Msg):
     """One message per engine step per client: every output for that client's requests."""
 
-    outputs: list[EngineOutput]
+    outputs: list[EngineOutput | ImageOutput]
     timestamp: float = 0.0
 
 
-class Stats(_Msg):
+class TokenStats(_Msg, tag=_AR):
     num_waiting: int
     num_running: int
     kv_usage: float
     num_kv_blocks: int
     prefix_cache_hit_rate: float
-    generation_tokens_per_s: float
+    generation_tokens_per_s: float  # over the last 10 s
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions: int = 0
+
+
+class ImageStats(_Msg, tag=_IMAGE):
+    num_waiting: int
+    num_running: int
+    images_per_s: float  # over the last 10 s
+    images_total: int
+    denoising_steps_total: int  # request-steps: one request advanced by one step
+    num_preemptions: int = 0
+
+
+class Stats(_Msg):
+    """The scheduler's own figures, and the engine loop's step timing."""
+
+    scheduler: TokenStats | ImageStats
+    num_steps_total: int = 0
+    step_time_s: float = 0.0  # mean time between step results while busy, last 10 s
 
 
 class ErrorMsg(_Msg):
@@ -152,11 +275,10 @@ class EngineDeadMsg(_Msg):
 
 class WorkerReady(_Msg):
     rank: int
-    num_kv_blocks: int
     weight_bytes: int  # bytes of this rank's parameters (about 1/N of the model under TP)
     dtype: str  # the dtype the worker resolved "auto" to
-    max_num_batched_tokens: int  # the step budget it resolved (default per device)
-    block_size: int = 16  # tokens per KV-cache block it resolved (default per device)
+    device: str  # e.g. "cpu", "cuda:0"
+    runner: TokenRunnerInfo | ImageRunnerInfo
 
 
 class NewRequestData(_Msg):
@@ -178,8 +300,8 @@ class CachedRequestData(_Msg):
     num_computed_tokens: int
 
 
-class SchedulerOutput(_Msg):
-    """The step plan: what every worker computes this step.
+class SchedulerOutput(_Msg, tag=_AR):
+    """The AR step plan: what every worker computes this step.
 
     For each scheduled request, `num_scheduled_tokens[request_id]` tokens starting at its
     `num_computed_tokens` are run through the model. A request whose tokens then all have KV
@@ -194,14 +316,58 @@ class SchedulerOutput(_Msg):
     total_num_scheduled_tokens: int = 0
 
 
-class ModelRunnerOutput(_Msg):
-    """What rank 0 returns for a step: one sampled token per request that sampled."""
+class DenoiseRequestData(_Msg):
+    """An image request as the workers run it: every default resolved by the engine core,
+    the seed included, so that all ranks draw the same noise."""
+
+    request_id: str
+    prompt: str | None
+    negative_prompt: str | None
+    class_labels: list[int] | None
+    num_images: int  # rows of latents: n per prompt, or n per class label
+    height: int
+    width: int
+    num_steps: int
+    guidance_scale: float  # classifier-free guidance runs when > 1, as in diffusers
+    seed: int
+
+
+class DenoiseSchedulerOutput(_Msg, tag=_IMAGE):
+    """The IMAGE step plan: requests to admit (encode their prompt, draw their noise), then
+    one denoising step for each of `scheduled_request_ids`, every request at its own step
+    index (the worker counts them). All scheduled requests share a batch key (size, CFG on or
+    off). A request that completes its last step is decoded by the VAE in the same step and
+    dropped by the workers; `finished_request_ids` are requests to drop before anything else
+    (aborted or preempted)."""
+
+    step_id: int
+    new_requests: list[DenoiseRequestData]
+    scheduled_request_ids: list[str]
+    finished_request_ids: list[str]
+
+
+class ModelRunnerOutput(_Msg, tag=_AR):
+    """What rank 0 returns for an AR step: one sampled token per request that sampled."""
 
     step_id: int
     request_ids: list[str]
     sampled_token_ids: list[int]
     logprobs: list[TokenLogprobs | None] | None = None
-    error: str = ""  # a worker-side failure; the engine core fails cleanly on it
+
+
+class DenoiseRunnerOutput(_Msg, tag=_IMAGE):
+    """What rank 0 returns for an IMAGE step: the pixels of every request that finished."""
+
+    step_id: int
+    request_ids: list[str]
+    pixels: list[ArrayRef]  # one per finished request, uint8 [num_images, height, width, 3]
+
+
+class WorkerError(_Msg):
+    """A worker-side failure (at start: step_id -1); the engine core fails cleanly on it."""
+
+    step_id: int
+    error: str  # the traceback
 
 
 class Shutdown(_Msg):
@@ -215,7 +381,7 @@ class Empty(_Msg):
 CLIENT_MESSAGES: dict[MsgType, type] = {
     MsgType.HELLO: Hello,
     MsgType.READY: Ready,
-    MsgType.REQUEST: EngineRequest,
+    MsgType.REQUEST: EngineRequest | ImageRequest,
     MsgType.ABORT: Abort,
     MsgType.OUTPUTS: EngineOutputs,
     MsgType.PING: Empty,
@@ -228,7 +394,14 @@ CLIENT_MESSAGES: dict[MsgType, type] = {
 
 WORKER_MESSAGES: dict[MsgType, type] = {
     MsgType.WORKER_READY: WorkerReady,
-    MsgType.STEP: SchedulerOutput,
-    MsgType.STEP_RESULT: ModelRunnerOutput,
+    MsgType.STEP: SchedulerOutput | DenoiseSchedulerOutput,
+    MsgType.STEP_RESULT: ModelRunnerOutput | DenoiseRunnerOutput,
     MsgType.SHUTDOWN: Shutdown,
+    MsgType.WORKER_ERROR: WorkerError,
 }
+
+# The kinds' structs, by the role they play (the engine and worker loops never look inside).
+Request = EngineRequest | ImageRequest
+Output = EngineOutput | ImageOutput
+StepPlan = SchedulerOutput | DenoiseSchedulerOutput
+StepResult = ModelRunnerOutput | DenoiseRunnerOutput

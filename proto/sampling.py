@@ -1,10 +1,14 @@
-"""`SamplingParams`: how one request samples, validated on construction and on decode.
+"""How one request samples: `SamplingParams` (LLMs) and `ImageParams` (image models).
 
-It is a wire struct (msgspec decodes untrusted bytes straight into it and runs `__post_init__`),
-so a bad value is refused the same way whether it came from Python, HTTP or a custom frontend.
+Both are wire structs (msgspec decodes untrusted bytes straight into them and runs
+`__post_init__`), so a bad value is refused the same way whether it came from Python, HTTP or a
+custom frontend. What depends on the model (an image size its VAE and patches can take, a step
+count its scheduler allows) is checked by the engine core, which knows the model.
 """
 
 from __future__ import annotations
+
+import math
 
 import msgspec
 
@@ -71,3 +75,41 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
 def _check(ok: bool, param: str, message: str) -> None:
     if not ok:
         raise InvalidRequest(message, param=param)
+
+
+MAX_IMAGES_PER_REQUEST = 10  # OpenAI's bound on `n` for images
+MAX_NUM_STEPS = 200
+
+
+class ImageParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, kw_only=True):
+    """Image generation parameters, named as diffusers' pipelines and vLLM-omni name them.
+
+    None means the model's default (from its pipeline: e.g. SD3 28 steps, guidance 7.0; DiT 50
+    steps, guidance 4.0; the size its denoiser was trained at). Guidance runs when
+    `guidance_scale > 1`, as in diffusers. A request without `seed` gets one drawn by the
+    engine; with `seed` S its noise is what diffusers draws with
+    `torch.Generator("cpu").manual_seed(S)`, whatever else shares the batch.
+    """
+
+    n: int = 1
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.n <= MAX_IMAGES_PER_REQUEST, "n",
+               f"n must be in [1, {MAX_IMAGES_PER_REQUEST}], got {self.n}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, name, f"{name} must be positive, got {value}")
+        steps = self.num_inference_steps
+        _check(steps is None or 1 <= steps <= MAX_NUM_STEPS, "num_inference_steps",
+               f"num_inference_steps must be in [1, {MAX_NUM_STEPS}], got {steps}")
+        g = self.guidance_scale
+        _check(g is None or (math.isfinite(g) and 0.0 <= g <= 100.0), "guidance_scale",
+               f"guidance_scale must be a finite number in [0, 100], got {g}")
+        _check(self.seed is None or -(2**63) <= self.seed < 2**63, "seed",
+               "seed must fit in a signed 64-bit integer")

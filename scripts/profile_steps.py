@@ -11,7 +11,7 @@ ZOMNI_NATIVE_LAYERS=0 times their kernels instead), GEMM (every linear, or only 
 attention, layer ops (RMSNorm; q/k norm + RoPE + KV write), the sampler, and the rest (Python,
 step metadata, torch ops). Steps run one after
 the other, as with --no-async-scheduling, in the workers' environment (their malloc and
-OpenMP settings, core/executor.worker_env). The model is built as bench_throughput.py builds it.
+OpenMP settings, workers/device.worker_env). The model is built as bench_throughput.py builds it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from zomni.core.executor import worker_env
+from zomni.workers.device import worker_env
 
 PARTS = {"decoder_layer": "layers", "gemm": "gemm", "paged_attention": "attention",
          "rms_norm": "layer ops", "qkv_rope_cache": "layer ops"}
@@ -44,8 +44,7 @@ def timed(fn, part: str, spent: dict[str, float]):
 
 def run(args: argparse.Namespace) -> list[tuple[int, int, float, dict[str, float]]]:
     """(tokens, requests, seconds, seconds by part) of every step of the workload."""
-    from zomni.core.request import Request
-    from zomni.core.scheduler import Scheduler
+    from zomni.core.token_scheduler import TokenScheduler
     from zomni.proto import (
         EngineConfig,
         EngineRequest,
@@ -65,16 +64,13 @@ def run(args: argparse.Namespace) -> list[tuple[int, int, float, dict[str, float
                           block_size=args.block_size, kv_cache_memory_gb=args.kv_cache_gb,
                           max_num_batched_tokens=args.max_num_batched_tokens)
     runner = ModelRunner(WorkerConfig(engine=config, rank=0, engine_address=""))
-    config.block_size, config.max_num_batched_tokens = (runner.block_size,
-                                                        runner.max_num_batched_tokens)
     info = read_model_info(model)
-    scheduler = Scheduler(config, runner.num_kv_blocks, info.max_model_len, info.eos_token_ids)
+    scheduler = TokenScheduler(config, info.details, runner.runner_info())
     rng = random.Random(args.seed)
     sampling = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     for i in range(args.num_prompts):
         prompt = [rng.randrange(10, 300) for _ in range(args.input_len)]
-        scheduler.add_request(Request.from_engine_request(
-            EngineRequest(f"r{i}", prompt, sampling), b"", info.max_model_len))
+        scheduler.add_request(EngineRequest(f"r{i}", prompt, sampling), b"")
 
     runner.execute_model(SchedulerOutput(0, [], [], {}, []))  # waits for the KV cache's pages
     spent: dict[str, float] = collections.defaultdict(float)
@@ -84,6 +80,8 @@ def run(args: argparse.Namespace) -> list[tuple[int, int, float, dict[str, float
     steps = []
     while scheduler.has_unfinished_requests():
         plan = scheduler.schedule()
+        if plan is None:
+            continue
         spent.clear()
         start = time.perf_counter()
         output = runner.execute_model(plan)

@@ -57,8 +57,8 @@ def test_abort_frees_blocks(async_llm, loop):
         return stats
 
     stats = loop.run_until_complete(run())
-    assert stats.num_running == 0 and stats.num_waiting == 0
-    assert stats.kv_usage == 0.0
+    assert stats.scheduler.num_running == 0 and stats.scheduler.num_waiting == 0
+    assert stats.scheduler.kv_usage == 0.0
 
 
 def test_bad_request_does_not_disturb_others(async_llm, loop):

@@ -13,7 +13,7 @@ from http_utils import Proc, scripted_model, zomni_cmd
 from zomni._process import free_port
 from zomni.frontend import cli
 from zomni.frontend.launch import make_config
-from zomni.proto.config import default_block_size, default_max_num_batched_tokens
+from zomni.workers.device import default_block_size, default_max_num_batched_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_servers_default_to_online_and_budgets_follow_device_and_use(tmp_path, m
 def test_bad_model_is_a_clear_error(tmp_path):
     out = subprocess.run(zomni_cmd("serve", "--model", str(tmp_path / "none")),
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "no config.json in model directory" in out.stderr
+    assert out.returncode == 2 and "is neither an HF model directory" in out.stderr
 
 
 def test_serve_script_stops_cleanly_on_sigint(tmp_path_factory, tmp_path):

@@ -13,7 +13,7 @@ import random
 import pytest
 
 from zomni.core.request import Request, RequestStatus
-from zomni.core.scheduler import Scheduler, finished_outputs
+from zomni.core.token_scheduler import TokenScheduler
 from zomni.proto import (
     EngineConfig,
     EngineOverloaded,
@@ -23,6 +23,8 @@ from zomni.proto import (
     SamplingParams,
     SchedulerOutput,
     TokenLogprobs,
+    TokenModelInfo,
+    TokenRunnerInfo,
 )
 
 EOS = 99
@@ -89,10 +91,13 @@ def model_dir(tmp_path):
     return str(tmp_path)
 
 
-def make_scheduler(model_dir, num_blocks=64, block_size=4, max_model_len=64, **cfg) -> Scheduler:
-    cfg.setdefault("max_num_batched_tokens", 1024)
-    config = EngineConfig(model=model_dir, block_size=block_size, **cfg)
-    return Scheduler(config, num_blocks, max_model_len, [EOS])
+def make_scheduler(model_dir, num_blocks=64, block_size=4, max_model_len=64,
+                   max_num_batched_tokens=1024, **cfg) -> TokenScheduler:
+    """A scheduler as the engine builds one: the KV and budget figures are what the workers
+    resolved and reported."""
+    config = EngineConfig(model=model_dir, **cfg)
+    return TokenScheduler(config, TokenModelInfo(max_model_len, 100, [EOS]),
+                          TokenRunnerInfo(num_blocks, block_size, max_num_batched_tokens))
 
 
 _arrivals = iter(range(1, 10**9))
@@ -106,7 +111,7 @@ def make_request(rid, prompt, client=b"c", priority=0, **sampling) -> Request:
                    priority=priority, arrival_time=float(next(_arrivals)))
 
 
-def run(sched: Scheduler, worker: FakeWorker, max_steps=500, on_step=None, ahead=False):
+def run(sched: TokenScheduler, worker: FakeWorker, max_steps=500, on_step=None, ahead=False):
     """Step until idle; returns (plans, outputs per request id, finish reason per request id).
 
     ahead: as the engine with async scheduling, plan step N+1 before applying N's result."""
@@ -116,11 +121,12 @@ def run(sched: Scheduler, worker: FakeWorker, max_steps=500, on_step=None, ahead
         if not sched.has_unfinished_requests() and not in_flight:
             break
         plan = sched.schedule()
-        plans.append(plan)
-        assert plan.total_num_scheduled_tokens <= sched.config.max_num_batched_tokens
-        assert len(sched.running) <= sched.config.max_num_seqs
-        sent = bool(plan.num_scheduled_tokens or plan.finished_request_ids)
+        sent = plan is not None  # None: nothing to compute or drop
         if sent:
+            plans.append(plan)
+            assert plan.total_num_scheduled_tokens <= sched.max_num_batched_tokens
+            assert plan.num_scheduled_tokens or plan.finished_request_ids
+            assert len(sched.running) <= sched.config.max_num_seqs
             in_flight.append((plan, worker.execute(plan)))
         if in_flight and (len(in_flight) >= (2 if ahead else 1) or not sent):
             done, output = in_flight.popleft()
@@ -130,7 +136,7 @@ def run(sched: Scheduler, worker: FakeWorker, max_steps=500, on_step=None, ahead
                     tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
                     if out.finish_reason is not None:
                         reasons[out.request_id] = out.finish_reason
-        if on_step:
+        if on_step and sent:
             on_step(sched, plan)
     assert not sched.has_unfinished_requests() and not in_flight
     return plans, tokens, reasons
@@ -201,7 +207,7 @@ def test_preemption_resumes_with_complete_outputs(model_dir, ahead):
                                  enable_prefix_caching=False), requests())
     resumed = {}
 
-    def check(s: Scheduler, plan: SchedulerOutput):
+    def check(s: TokenScheduler, plan: SchedulerOutput):
         for new in plan.new_requests:
             if new.request_id in resumed:
                 assert new.token_ids[:6] == [int(new.request_id[1]) + 1] * 6
@@ -217,7 +223,7 @@ def test_preemption_resumes_with_complete_outputs(model_dir, ahead):
     assert tokens == expected
 
 
-def _with(sched: Scheduler, reqs: list[Request]) -> Scheduler:
+def _with(sched: TokenScheduler, reqs: list[Request]) -> TokenScheduler:
     for r in reqs:
         sched.add_request(r)
     return sched
@@ -272,15 +278,15 @@ def test_abort_frees_blocks_and_reports_running_ids(model_dir):
     plan = sched.schedule()
     sched.update_from_output(plan, worker.execute(plan))
     assert sched.kv_cache_manager.usage > 0
-    aborted = sched.abort_requests(["c0", "c1", "nope"])
-    assert [r.request_id for r in aborted] == ["c0", "c1"]
-    assert all(r.status == RequestStatus.FINISHED_ABORTED for r in aborted)
+    requests = [sched.requests["c0"], sched.requests["c1"]]
+    outs = sched.abort_requests(["c0", "c1", "nope"])
+    assert all(r.status == RequestStatus.FINISHED_ABORTED for r in requests)
     assert sched.kv_cache_manager.usage == 0.0 and not sched.has_unfinished_requests()
     plan = sched.schedule()
     assert plan.finished_request_ids == ["c0"]  # c1 never reached the worker
     assert plan.num_scheduled_tokens == {}
     worker.execute(plan)
-    outs = finished_outputs(aborted)
+    assert [o.request_id for o in outs[b"c"]] == ["c0", "c1"]
     assert [o.finish_reason for o in outs[b"c"]] == [FinishReason.ABORT] * 2
     assert [o.num_prompt_tokens for o in outs[b"c"]] == [0, 5]  # c0 already reported its own
 
@@ -331,7 +337,7 @@ def test_async_plans_the_next_decode_before_its_input_token_is_known(model_dir):
     assert second.num_scheduled_tokens == {"c": 1}
     assert second.cached_requests[0].num_computed_tokens == 3
     second_out = worker.execute(second)
-    assert sched.schedule().num_scheduled_tokens == {}  # 2 tokens in flight = max_tokens
+    assert sched.schedule() is None  # 2 tokens in flight = max_tokens: nothing to plan
     assert sched.update_from_output(first, first_out)[b"c"][0].finish_reason is None
     last = sched.update_from_output(second, second_out)[b"c"][0]
     assert last.new_token_ids == second_out.sampled_token_ids
@@ -400,9 +406,10 @@ def test_prefix_cache_hits_and_stats(model_dir):
     assert plan.num_scheduled_tokens == {"c1": 3}
     outs = sched.update_from_output(plan, worker.execute(plan))
     assert outs[b"c"][0].num_cached_tokens == 8
-    assert sched.get_stats() == {
-        "num_waiting": 0, "num_running": 1, "kv_usage": 3 / 64, "num_kv_blocks": 64,
-        "prefix_cache_hit_rate": 8 / 21, "num_preemptions": 0}
+    stats = sched.get_stats()
+    assert (stats.num_waiting, stats.num_running, stats.kv_usage, stats.num_kv_blocks,
+            stats.prefix_cache_hit_rate, stats.num_preemptions) == (0, 1, 3 / 64, 64, 8 / 21, 0)
+    assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (10 + 11, 1 + 1)
     assert sched.has_request("c1") and not sched.has_request("c0")
 
 
@@ -425,10 +432,10 @@ def test_random_workload_matches_unconstrained_run(model_dir, ahead):
                                  max_num_seqs=6), requests())
     aborted = set()
 
-    def maybe_abort(s: Scheduler, plan: SchedulerOutput):
+    def maybe_abort(s: TokenScheduler, plan: SchedulerOutput):
         if rng.random() < 0.1 and s.requests:
             rid = rng.choice(sorted(s.requests))
-            aborted.update(r.request_id for r in s.abort_requests([rid]))
+            aborted.update(o.request_id for outs in s.abort_requests([rid]).values() for o in outs)
 
     _, tokens, _ = run(sched, FakeWorker(4), on_step=maybe_abort, ahead=ahead)
     assert sched.num_preemptions > 0 and aborted and sched.kv_cache_manager.num_hit_tokens > 0

@@ -59,7 +59,7 @@ def test_preemption_keeps_tokens(cramped_llm, llama_dir):
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     outs = cramped_llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                 use_tqdm=False)
-    assert cramped_llm.get_stats().num_preemptions > 0  # 8 × 60 tokens > 24 blocks × 16
+    assert cramped_llm.get_stats().scheduler.num_preemptions > 0  # 8 × 60 tokens > 24 blocks × 16
     for prompt, out in zip(prompts, outs):
         assert len(out.outputs[0].token_ids) == 40
         assert_greedy_match(llama_dir, prompt, out.outputs[0].token_ids)

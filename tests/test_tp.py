@@ -25,8 +25,9 @@ import zmq
 from reference import assert_greedy_match
 
 from zomni import LLM, SamplingParams
-from zomni.core.executor import Executor, check_tensor_parallel
+from zomni.core.executor import Executor
 from zomni.proto import EngineConfig, EngineDead, InvalidRequest
+from zomni.proto.model_info import read_model_info
 from zomni.testing import ARCHS
 from zomni.workers.loader import load_model
 
@@ -95,7 +96,7 @@ def test_tp2_prefix_cache_and_stats(tp2):
     out = llm.generate({"prompt_token_ids": shared + [4]}, GREEDY, use_tqdm=False)[0]
     assert out.num_cached_tokens >= 32  # two full 16-token blocks of `shared`, on both ranks
     assert_greedy_match(model_dir, shared + [4], out.outputs[0].token_ids)
-    assert llm.get_stats().num_kv_blocks == CONFIG["num_kv_blocks"]
+    assert llm.get_stats().scheduler.num_kv_blocks == CONFIG["num_kv_blocks"]
 
 
 def test_weights_and_kv_split_and_concurrent_rendezvous(llama_dir):
@@ -113,7 +114,7 @@ def test_weights_and_kv_split_and_concurrent_rendezvous(llama_dir):
 
     def start() -> None:
         try:
-            results.append(Executor(config, zmq.Context.instance(), max_model_len=256))
+            results.append(Executor(config, zmq.Context.instance()))
         except BaseException as e:  # re-raised below, in the test's thread
             results.append(e)
 
@@ -127,7 +128,8 @@ def test_weights_and_kv_split_and_concurrent_rendezvous(llama_dir):
             if isinstance(result, BaseException):
                 raise result
             assert len(result.weight_bytes) == 2
-            assert result.num_kv_blocks == int(budget_gb * 2**30 // (tp1_block_bytes // 2))
+            expected_blocks = int(budget_gb * 2**30 // (tp1_block_bytes // 2))
+            assert result.runner_info.num_kv_blocks == expected_blocks
             for per_rank in result.weight_bytes:  # replicated norms add a little
                 assert 0.5 * full <= per_rank <= 0.55 * full, (per_rank, full)
     finally:
@@ -171,5 +173,5 @@ def test_impossible_tp_size_fails_before_workers_start(llama_dir):
     assert not processes_mentioning(str(llama_dir) + '","tensor_parallel_size":3')
     for tp in (8, 6):
         with pytest.raises(InvalidRequest, match=f"tensor_parallel_size={tp} must divide"):
-            check_tensor_parallel(str(llama_dir), tp)
-    check_tensor_parallel(str(llama_dir), 4)  # 2 KV heads, each replicated on 2 ranks
+            read_model_info(str(llama_dir), tensor_parallel_size=tp)
+    read_model_info(str(llama_dir), tensor_parallel_size=4)  # 2 KV heads, each on 2 ranks

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zomni.workers import model_runner, native
+from zomni.workers import device, native
 from zomni.workers.attention import Attention
 from zomni.workers.context import build_attention_metadata, set_context
 
@@ -130,12 +130,12 @@ def test_bf16_decode_close_to_fp32(decode_path):
 def test_auto_dtype(tmp_path, monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
-    monkeypatch.setattr(model_runner, "cpu_has_native_bf16", lambda: True)
-    assert model_runner.resolve_dtype("auto", cpu, str(tmp_path))[0] == "float32"
-    assert model_runner.resolve_dtype("auto", cuda, str(tmp_path))[0] == "bfloat16"
-    assert model_runner.resolve_dtype("float16", cpu, str(tmp_path)) == ("float16", "asked for")
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    assert device.resolve_dtype("auto", cpu, str(tmp_path))[0] == "float32"
+    assert device.resolve_dtype("auto", cuda, str(tmp_path))[0] == "bfloat16"
+    assert device.resolve_dtype("float16", cpu, str(tmp_path)) == ("float16", "asked for")
     (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
-    assert model_runner.resolve_dtype("auto", cpu, str(tmp_path))[0] == "bfloat16"
-    monkeypatch.setattr(model_runner, "cpu_has_native_bf16", lambda: False)
-    dtype, why = model_runner.resolve_dtype("auto", cpu, str(tmp_path))
+    assert device.resolve_dtype("auto", cpu, str(tmp_path))[0] == "bfloat16"
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    dtype, why = device.resolve_dtype("auto", cpu, str(tmp_path))
     assert dtype == "float32" and "no native bf16" in why

@@ -57,7 +57,8 @@ class Engine:
         assert self.router.poll(TIMEOUT_MS), f"no message from the workers:\n{self.log_text()}"
         got, *frames = self.router.recv_multipart()
         assert identity is None or got == identity
-        return decode(frames)
+        msg_type, msg, _ = decode(frames)
+        return msg_type, msg
 
     def send(self, msg_type: MsgType, msg) -> None:
         for rank in range(len(self.procs)):
@@ -88,7 +89,7 @@ def engine(model_dirs, tmp_path):
 def test_ready_step_shutdown(engine, model_dirs):
     msg_type, ready = engine.recv()
     assert msg_type == MsgType.WORKER_READY
-    assert (ready.rank, ready.num_kv_blocks, ready.dtype) == (0, 32, "float32")
+    assert (ready.rank, ready.runner.num_kv_blocks, ready.dtype) == (0, 32, "float32")
     assert ready.weight_bytes > 0
 
     prompt = [5, 17, 42, 99, 7]
@@ -96,20 +97,21 @@ def test_ready_step_shutdown(engine, model_dirs):
     engine.send(MsgType.STEP, SchedulerOutput(
         7, [NewRequestData("a", prompt, greedy, [3], 0, len(prompt))], [], {"a": 5}, []))
     msg_type, out = engine.recv()
-    assert msg_type == MsgType.STEP_RESULT and not out.error
+    assert msg_type == MsgType.STEP_RESULT
     assert (out.step_id, out.request_ids) == (7, ["a"])
     assert out.sampled_token_ids == hf_greedy(model_dirs["qwen2"], prompt, 1)[0]
 
     engine.send(MsgType.SHUTDOWN, Shutdown("test done"))
     assert engine.wait() == 0
-    assert "rank 0: dtype float32, 32 KV blocks" in engine.log_text()
+    assert "rank 0: dtype float32" in engine.log_text()
+    assert "num_kv_blocks=32" in engine.log_text()
 
 
 def test_failed_step_reports_traceback_and_exits_nonzero(engine):
     assert engine.recv()[0] == MsgType.WORKER_READY
     engine.send(MsgType.STEP, SchedulerOutput(3, [], [], {"ghost": 1}, []))
     msg_type, out = engine.recv()
-    assert msg_type == MsgType.STEP_RESULT and out.step_id == 3
+    assert msg_type == MsgType.WORKER_ERROR and out.step_id == 3
     assert "unknown request 'ghost'" in out.error and "Traceback" in out.error
     assert engine.wait() == 1
 
@@ -128,7 +130,7 @@ def test_failed_start_is_reported(model_dirs, tmp_path):
     e = Engine(broken, tmp_path)
     try:
         msg_type, out = e.recv()
-        assert msg_type == MsgType.STEP_RESULT and out.step_id == -1
+        assert msg_type == MsgType.WORKER_ERROR and out.step_id == -1
         assert "no *.safetensors files" in out.error
         assert e.wait() == 1
     finally:
@@ -148,7 +150,7 @@ def test_tensor_parallel_2_ranks_match_transformers(model_dirs, tmp_path):
             0, [NewRequestData("a", prompt, greedy, [0], 0, len(prompt))], [], {"a": 7}, []))
         for step in range(1, steps + 1):
             msg_type, out = e.recv(b"rank0")
-            assert msg_type == MsgType.STEP_RESULT and not out.error, out.error
+            assert msg_type == MsgType.STEP_RESULT, out
             tokens += out.sampled_token_ids
             if step < steps:
                 computed = len(prompt) + step - 1
@@ -163,7 +165,7 @@ def test_tensor_parallel_2_ranks_match_transformers(model_dirs, tmp_path):
 
 
 def test_worker_env_keeps_user_settings(monkeypatch):
-    from zomni.core.executor import worker_env
+    from zomni.workers.device import worker_env
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)

@@ -16,16 +16,9 @@ broadcast so every rank's token_ids stay identical, and other ranks return None.
 
 from __future__ import annotations
 
-import ctypes
-import json
 import logging
-import math
-import mmap
-import os
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -34,12 +27,22 @@ from zomni.proto import (
     SamplingParams,
     SchedulerOutput,
     TokenLogprobs,
+    TokenRunnerInfo,
     WorkerConfig,
 )
-from zomni.proto.config import default_block_size, default_max_num_batched_tokens
 from zomni.proto.model_info import read_model_info
 from zomni.workers import native
 from zomni.workers.context import AttentionMetadata, build_attention_metadata, set_context
+from zomni.workers.device import (
+    DEFAULT_KV_CACHE_MEMORY_GB,
+    default_block_size,
+    default_max_num_batched_tokens,
+    populate,
+    resolve_device,
+    resolve_dtype,
+    set_threads,
+    zeros,
+)
 from zomni.workers.loader import load_model
 from zomni.workers.parallel_state import broadcast
 from zomni.workers.sampler import Sampler, SamplingMetadata
@@ -68,116 +71,13 @@ class StepInputs:
     sampling_requests: list[RequestState]  # [S], plan order
 
 
-def resolve_device(device: str, rank: int, world_size: int = 1) -> torch.device:
-    """This rank's device: CUDA device `rank` (one device per worker, as nccl requires), or
-    the CPU, whose cores the ranks share."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
-        if world_size > torch.cuda.device_count():
-            raise ValueError(f"tensor_parallel_size={world_size} needs one CUDA device per "
-                             f"worker, but torch sees {torch.cuda.device_count()}")
-        torch.cuda.set_device(rank)
-        return torch.device("cuda", rank)
-    return torch.device("cpu")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN
-    emulates it and bf16 matmuls run slower than fp32."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return False
-    flags = next((line for line in lines if line.startswith("flags")), "")
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
-
-
-def checkpoint_dtype(model_dir: str) -> str | None:
-    """The dtype the checkpoint's config.json says its weights are stored in, if any."""
-    try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return cfg.get("torch_dtype") or cfg.get("dtype")
-
-
-def resolve_dtype(dtype: str, device: torch.device, model_dir: str = "") -> tuple[str, str]:
-    """(dtype, why) for `dtype` as asked; "auto" picks the fastest that keeps the weights:
-
-    - CUDA: bfloat16.
-    - CPU: bfloat16 when the CPU has native bf16 matmul (~4x fp32 on AVX512-BF16) and the
-      checkpoint is stored in 16 bits anyway; otherwise float32 (an fp32 checkpoint stays
-      exact, and emulated bf16 is slower than fp32).
-    """
-    if dtype != "auto":
-        return dtype, "asked for"
-    if device.type != "cpu":
-        return "bfloat16", f"auto on {device.type}"
-    stored = checkpoint_dtype(model_dir)
-    native = cpu_has_native_bf16()
-    if native and stored in ("bfloat16", "float16"):
-        return "bfloat16", f"auto: {stored} checkpoint, CPU has native bf16 matmul"
-    why = "no native bf16 matmul on this CPU" if not native else f"checkpoint is {stored}"
-    return "float32", f"auto: {why}"
-
-
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zeroed tensor. On the CPU its memory is an anonymous mmap, which the kernel zeroes as
-    its pages fault in: writing zeros into a 2 GiB KV cache took 2-3 s of start-up.
-
-    No huge pages here, unlike the workers' malloc: Python's anonymous mmap is shared memory,
-    which transparent huge pages do not back by default. A private, THP-backed cache measured
-    slower, since its 2 MiB pages are zeroed (and, on a fragmented machine, compacted) on first
-    touch in the middle of steps: W ran at 1422-1510 against 1590-1816 tok/s in paired runs,
-    and pre-faulting 2 GiB of it took 0.1 to 5.2 s. The decode kernel read it no faster.
-    """
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    buffer = mmap.mmap(-1, max(1, math.prod(shape)) * dtype.itemsize)
-    return torch.frombuffer(buffer, dtype=dtype)[: math.prod(shape)].view(shape)
-
-
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+
-_POPULATE_CHUNK = 64 << 20
-
-
-def _populate(tensor: torch.Tensor) -> threading.Thread:
-    """Fault in the pages of a CPU tensor on a thread (ctypes releases the GIL for madvise).
-
-    A KV page first written mid-step costs a fault of ~5 us per 4 KiB: on the Qwen3-0.6B shape
-    at batch 16 the K/V writes took 12.6 ms of a 150 ms decode step, 2.0 ms with the pages in.
-    Faulting in 2 GiB takes ~1.2 s; the first step waits for it (`execute_model`), so it
-    overlaps the rest of start-up rather than forward passes. Where the kernel lacks the advice,
-    pages fault in on first use, as before.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-
-    def run() -> None:
-        for offset in range(0, size, _POPULATE_CHUNK):
-            length = min(_POPULATE_CHUNK, size - offset)
-            if libc.madvise(start + offset, length, _MADV_POPULATE_WRITE) != 0:
-                return
-
-    thread = threading.Thread(target=run, name="kv-populate", daemon=True)
-    thread.start()
-    return thread
-
-
 class ModelRunner:
     def __init__(self, config: WorkerConfig):
         engine = config.engine
         self.rank = config.rank
         world = engine.tensor_parallel_size
         self.device = resolve_device(engine.device, config.rank, world)
-        if self.device.type == "cpu":  # ranks on one machine share the cores it may run on
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-            torch.set_num_threads(engine.num_threads
-                                  or max(1, (cores or os.cpu_count() or 1) // world))
+        set_threads(self.device, world, engine.num_threads)
         self.dtype, why = resolve_dtype(engine.dtype, self.device, engine.model)
         logger.info("rank %d: dtype %s (%s)", self.rank, self.dtype, why)
         if self.device.type == "cpu" and self.dtype == "float32":  # built now, not mid-step
@@ -195,10 +95,11 @@ class ModelRunner:
             if hasattr(module, "pack"):
                 module.pack(batch_hint=engine.max_num_seqs)
         self.vocab_size = self.hf_config.vocab_size
-        self.eos_token_ids = read_model_info(engine.model).eos_token_ids
+        self.eos_token_ids = read_model_info(engine.model).details.eos_token_ids
 
         self.block_size = engine.block_size or default_block_size(self.device.type)
-        self.num_kv_blocks = self._num_kv_blocks(engine.num_kv_blocks, engine.kv_cache_memory_gb)
+        memory_gb = engine.kv_cache_memory_gb or DEFAULT_KV_CACHE_MEMORY_GB
+        self.num_kv_blocks = self._num_kv_blocks(engine.num_kv_blocks, memory_gb)
         self._allocate_kv_cache()
         self.sampler = Sampler(engine.seed, self.device)
         self._warm_up(min(self.max_num_batched_tokens, self.num_kv_blocks * self.block_size,
@@ -227,12 +128,12 @@ class ModelRunner:
         Zeroed once: padded reads of never-written slots are masked, but must not be NaN.
         """
         layers = self.model.attention_layers()
-        self.kv_cache = _zeros((2, len(layers), self.num_kv_blocks, layers[0].num_kv_heads,
+        self.kv_cache = zeros((2, len(layers), self.num_kv_blocks, layers[0].num_kv_heads,
                                 self.block_size, layers[0].head_dim), self.torch_dtype,
                                self.device)
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-        self._populating = _populate(self.kv_cache) if self.device.type == "cpu" else None
+        self._populating = populate(self.kv_cache) if self.device.type == "cpu" else None
 
     @torch.inference_mode()
     def _warm_up(self, num_tokens: int) -> None:
@@ -250,7 +151,18 @@ class ModelRunner:
         finally:
             set_context(None)
 
+    def runner_info(self) -> TokenRunnerInfo:
+        """What this rank resolved, for WORKER_READY."""
+        return TokenRunnerInfo(num_kv_blocks=self.num_kv_blocks, block_size=self.block_size,
+                               max_num_batched_tokens=self.max_num_batched_tokens)
+
     # ---- one step ------------------------------------------------------------------------
+
+    def execute(self, plan: SchedulerOutput) -> tuple[ModelRunnerOutput, list] | None:
+        """The runner interface (`runner.py`): the result and its extra frames (none here)."""
+        output = self.execute_model(plan)
+        return None if output is None else (output, [])
+
 
     @torch.inference_mode()
     def execute_model(self, plan: SchedulerOutput) -> ModelRunnerOutput | None:

@@ -1,12 +1,15 @@
 """Worker process: one per device. Run as `python -m zomni.workers.worker '<WorkerConfig JSON>'`.
 
     start ─► die_with_parent ─► DEALER "rank{r}" connects to the engine's ROUTER ─► init
-    torch.distributed (world > 1) ─► ModelRunner (load weights, allocate KV cache) ─► WORKER_READY
-    (a failure to start is sent as a STEP_RESULT with step_id -1 and `error`, then exit 1)
-    loop:  recv (blocking) ─► STEP: execute_model ─► rank 0 sends STEP_RESULT
+    torch.distributed (world > 1) ─► the runner for the model's kind (runner.py: load weights,
+    allocate caches) ─► WORKER_READY
+    (a failure to start is sent as a WORKER_ERROR with step_id -1, then exit 1)
+    loop:  recv (blocking) ─► STEP: runner.execute ─► rank 0 sends STEP_RESULT (+ array frames)
                            └► SHUTDOWN: exit 0
-    execute_model raises ─► this rank sends STEP_RESULT with `error` = traceback ─► exit 1
+    runner.execute raises ─► this rank sends WORKER_ERROR with the traceback ─► exit 1
     SIGTERM / SIGINT ─► close the socket, destroy the process group, exit 0
+
+The loop never looks at the kind: plans and results are the runner's business.
 
 ZOMNI_PROFILE_DIR=<dir> profiles the serving loop and writes each rank's op table there.
 """
@@ -27,9 +30,11 @@ import torch.distributed as dist
 import zmq
 
 from zomni._process import die_with_parent
-from zomni.proto import ModelRunnerOutput, MsgType, WorkerConfig, WorkerReady, decode, encode
+from zomni.proto import MsgType, WorkerConfig, WorkerReady, decode, encode
 from zomni.proto.config import from_json
-from zomni.workers.model_runner import ModelRunner, resolve_device
+from zomni.proto.messages import WorkerError
+from zomni.workers.device import resolve_device
+from zomni.workers.runner import Runner, make_runner
 
 logger = logging.getLogger("zomni.worker")
 
@@ -52,31 +57,35 @@ def init_distributed(config: WorkerConfig) -> None:
                             world_size=world)
 
 
-def serve(sock: zmq.Socket, runner: ModelRunner, rank: int,
+def _report(sock: zmq.Socket, step_id: int, error: str) -> None:
+    sock.send_multipart(encode(MsgType.WORKER_ERROR, WorkerError(step_id, error)))
+
+
+def serve(sock: zmq.Socket, runner: Runner, rank: int,
           on_step: Callable[[], None] = lambda: None) -> int:
     """Execute step plans until SHUTDOWN (returns 0) or a failure (returns 1)."""
     while True:
         frames = sock.recv_multipart()  # blocks; no polling loop
         step_id = -1
         try:
-            msg_type, msg = decode(frames)
+            msg_type, msg, _ = decode(frames)
             if msg_type == MsgType.SHUTDOWN:
                 logger.info("rank %d: shutdown (%s)", rank, msg.reason or "requested")
                 return 0
             if msg_type != MsgType.STEP:
                 raise ValueError(f"unexpected message {msg_type.name} on the worker channel")
             step_id = msg.step_id
-            output = runner.execute_model(msg)
+            done = runner.execute(msg)
         except Exception:
             # Every rank reports: the engine names the rank that failed first, not rank 0
             # seeing its collective break afterwards.
             error = traceback.format_exc()
             logger.error("rank %d: step %d failed\n%s", rank, step_id, error)
-            sock.send_multipart(encode(MsgType.STEP_RESULT,
-                                       ModelRunnerOutput(step_id, [], [], error=error)))
+            _report(sock, step_id, error)
             return 1
-        if output is not None:
-            sock.send_multipart(encode(MsgType.STEP_RESULT, output))
+        if done is not None:
+            result, arrays = done
+            sock.send_multipart(encode(MsgType.STEP_RESULT, result, arrays), copy=False)
         on_step()
 
 
@@ -101,16 +110,16 @@ def _step_profiler(rank: int) -> Callable[[], None]:
     return prof.step
 
 
-def _start(sock: zmq.Socket, config: WorkerConfig) -> ModelRunner:
+def _start(sock: zmq.Socket, config: WorkerConfig) -> Runner:
     init_distributed(config)
     start = time.perf_counter()
-    runner = ModelRunner(config)
-    logger.info("rank %d: dtype %s, %d KV blocks, weights %.1f MB, loaded in %.2f s "
-                "(ready in %.2f s)", config.rank, runner.dtype, runner.num_kv_blocks,
-                runner.weight_bytes / 2**20, runner.load_time_s, time.perf_counter() - start)
+    runner = make_runner(config)
+    info = runner.runner_info()
+    logger.info("rank %d: dtype %s, weights %.1f MB, loaded in %.2f s (ready in %.2f s): %s",
+                config.rank, runner.dtype, runner.weight_bytes / 2**20, runner.load_time_s,
+                time.perf_counter() - start, info)
     sock.send_multipart(encode(MsgType.WORKER_READY, WorkerReady(
-        config.rank, runner.num_kv_blocks, runner.weight_bytes, runner.dtype,
-        runner.max_num_batched_tokens, runner.block_size)))
+        config.rank, runner.weight_bytes, runner.dtype, str(runner.device), info)))
     return runner
 
 
@@ -127,8 +136,7 @@ def run_worker(config: WorkerConfig) -> int:
         except Exception:
             error = traceback.format_exc()
             logger.error("rank %d: failed to start\n%s", config.rank, error)
-            sock.send_multipart(encode(MsgType.STEP_RESULT,
-                                       ModelRunnerOutput(-1, [], [], error=error)))
+            _report(sock, -1, error)
             return 1
         return serve(sock, runner, config.rank, on_step=_step_profiler(config.rank))
     except _Terminated as e:

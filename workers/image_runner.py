@@ -1,0 +1,159 @@
+"""ImageRunner: executes one IMAGE step plan (`DenoiseSchedulerOutput`) on this rank.
+
+The worker decides nothing. Per step, in this order:
+
+    (a) drop finished (aborted, preempted) requests: their latents go
+    (b) admit new requests: condition them (rank 0 encodes prompts, all ranks get the
+        embeddings), draw their seeded noise, build their own schedule
+    (c) one denoiser forward over the rows of every scheduled request, each at its own step:
+
+            rows   [ r1 x n1 | r2 x n2 | ... ]            latents, one timestep per row
+            input  [ rows (cond) | rows (uncond) ]        with guidance: both halves at once
+            output  uncond + g_row * (cond - uncond)      each request's own guidance scale
+
+        then one batched scheduler update (`denoise_schedulers`), rows back to their requests
+    (d) requests whose last step this was: VAE decode (rank 0), pixels returned, state dropped
+
+Rank 0 returns a `DenoiseRunnerOutput` whose pixels travel as raw frames; other ranks return
+None. Every rank runs (b)-(c) identically, so their latents stay equal under tensor parallelism.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zomni.proto import (
+    DenoiseRequestData,
+    DenoiseRunnerOutput,
+    DenoiseSchedulerOutput,
+    ImageRunnerInfo,
+    WorkerConfig,
+)
+from zomni.proto.arrays import add_array
+from zomni.proto.model_info import architecture_of
+from zomni.workers.denoise_schedulers import Schedule, load_scheduler
+from zomni.workers.denoiser_loader import load_denoiser
+from zomni.workers.device import resolve_device, resolve_dtype, set_threads
+from zomni.workers.image_pipelines import PIPELINES, Conditioning
+
+logger = logging.getLogger("zomni.worker")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(eq=False)
+class ImageState:
+    """One admitted request on this rank: its latents and what it needs for every step."""
+
+    data: DenoiseRequestData
+    latents: torch.Tensor  # [n, C, h, w]
+    conditioning: Conditioning
+    schedule: Schedule
+    step: int = 0  # denoising steps done
+
+    @property
+    def guided(self) -> bool:
+        return self.conditioning.uncond is not None
+
+
+class ImageRunner:
+    def __init__(self, config: WorkerConfig):
+        engine = config.engine
+        self.rank = config.rank
+        world = engine.tensor_parallel_size
+        self.device = resolve_device(engine.device, config.rank, world)
+        set_threads(self.device, world, engine.num_threads)
+        self.dtype, why = resolve_dtype(engine.dtype, self.device, engine.model)
+        logger.info("rank %d: dtype %s (%s)", self.rank, self.dtype, why)
+        self.torch_dtype = _DTYPES[self.dtype]
+        self.max_num_seqs = engine.max_num_seqs
+
+        start = time.perf_counter()
+        model_dir = Path(engine.model)
+        self.denoiser = load_denoiser(model_dir / "transformer", self.torch_dtype, self.device)
+        self.weight_bytes = sum(p.numel() * p.element_size()
+                                for p in self.denoiser.parameters())
+        for module in self.denoiser.modules():  # CPU: repacked weights (see cpu_gemm)
+            if hasattr(module, "pack"):
+                module.pack(batch_hint=1024)
+        name, _ = architecture_of(model_dir)
+        self.pipeline = PIPELINES[name](str(model_dir), self.denoiser, self.torch_dtype,
+                                        self.device)
+        self.scheduler = load_scheduler(model_dir / "scheduler")
+        self.load_time_s = time.perf_counter() - start
+        self.patch_size = self.denoiser.config.patch_size
+        self.requests: dict[str, ImageState] = {}
+
+    def runner_info(self) -> ImageRunnerInfo:
+        return ImageRunnerInfo(max_num_seqs=self.max_num_seqs)
+
+    # ---- one step ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, plan: DenoiseSchedulerOutput) -> tuple[DenoiseRunnerOutput, list] | None:
+        for request_id in plan.finished_request_ids:
+            self.requests.pop(request_id, None)
+        for data in plan.new_requests:
+            self.requests[data.request_id] = self._admit(data)
+        scheduled = [self._get(request_id) for request_id in plan.scheduled_request_ids]
+        if scheduled:
+            self._denoise(scheduled)
+        done = [s for s in scheduled if s.step == s.data.num_steps]
+        for state in done:
+            del self.requests[state.data.request_id]
+        if self.rank != 0:
+            return None
+        frames: list = []
+        refs = [add_array(self.pipeline.decode(s.latents).numpy(), frames) for s in done]
+        return DenoiseRunnerOutput(plan.step_id, [s.data.request_id for s in done], refs), frames
+
+    def _admit(self, data: DenoiseRequestData) -> ImageState:
+        if data.request_id in self.requests:
+            raise ValueError(f"step plan admits request {data.request_id!r} twice")
+        h = data.height // self.pipeline.vae_scale_factor // self.patch_size
+        w = data.width // self.pipeline.vae_scale_factor // self.patch_size
+        return ImageState(data, self.pipeline.initial_latents(data),
+                          self.pipeline.condition(data),
+                          self.scheduler.schedule(data.num_steps, image_seq_len=h * w))
+
+    def _get(self, request_id: str) -> ImageState:
+        try:
+            state = self.requests[request_id]
+        except KeyError:
+            raise ValueError(f"step plan refers to unknown request {request_id!r}") from None
+        if state.step >= state.data.num_steps:
+            raise ValueError(f"request {request_id!r} has no step left")
+        return state
+
+    def _denoise(self, scheduled: list[ImageState]) -> None:
+        """One forward and one scheduler update for every row of `scheduled` (one batch key:
+        same latent shape, all guided or none)."""
+        guided = scheduled[0].guided
+        if any(s.guided != guided for s in scheduled):
+            raise ValueError("a step mixes guided and unguided requests")
+        counts = [s.latents.shape[0] for s in scheduled]
+        latents = torch.cat([s.latents for s in scheduled])
+        schedules = [s.schedule for s, n in zip(scheduled, counts) for _ in range(n)]
+        steps = [s.step for s, n in zip(scheduled, counts) for _ in range(n)]
+        timesteps = self.scheduler.timesteps(schedules, steps, device=self.device)
+        inputs = [torch.cat(parts) for parts in zip(*(s.conditioning.cond for s in scheduled))]
+        if guided:  # conditional and unconditional rows in one forward
+            uncond = zip(*(s.conditioning.uncond for s in scheduled))
+            inputs = [torch.cat([c, *u]) for c, u in zip(inputs, uncond)]
+            cond, free = self.pipeline.predict(
+                torch.cat([latents, latents]), torch.cat([timesteps, timesteps]),
+                tuple(inputs)).chunk(2)
+            scale = torch.tensor([s.data.guidance_scale for s, n in zip(scheduled, counts)
+                                  for _ in range(n)], dtype=cond.dtype, device=cond.device)
+            output = free + scale.view(-1, 1, 1, 1) * (cond - free)
+        else:
+            output = self.pipeline.predict(latents, timesteps, tuple(inputs))
+        new = self.scheduler.step(latents, output, schedules, steps)
+        for state, rows in zip(scheduled, new.split(counts)):
+            state.latents = rows
+            state.step += 1
