@@ -67,6 +67,7 @@ class DenoiseRequest:
     num_completed_steps: int = 0  # scheduled steps, see the module docstring
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    first_step_time: float = 0.0  # wall clock when its first denoising step began
 
     @property
     def num_steps(self) -> int:
@@ -273,6 +274,10 @@ class DenoiseScheduler:
         """Finish every request whose pixels came back; `ImageOutput.pixels` point at this
         result's `frames` (the engine renumbers them per client)."""
         self.denoising_steps_total += len(plan.scheduled_request_ids)
+        for request_id in plan.scheduled_request_ids:
+            request = self.requests.get(request_id)
+            if request is not None and not request.first_step_time:
+                request.first_step_time = result.denoise_started_at or time.time()
         outputs: Outputs = defaultdict(list)
         for request_id, pixels in zip(result.request_ids, result.pixels):
             request = self.requests.get(request_id)
@@ -284,7 +289,8 @@ class DenoiseScheduler:
             outputs[request.client_id].append(ImageOutput(
                 request_id, FinishReason.STOP,
                 ArrayRef(pixels.dtype, list(pixels.shape), pixels.frame),
-                num_steps=request.num_steps))
+                num_steps=request.num_steps,
+                queue_time_s=max(0.0, request.first_step_time - request.arrival_time)))
             self.images_total += request.num_images
             self._finished_images.append((time.monotonic(), request.num_images))
         return dict(outputs)

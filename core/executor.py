@@ -15,7 +15,21 @@ Failure handling (the invariant: an Executor that raises has left no worker proc
   names the rank that went first (killed, or exited without an error report) before the ranks
   that merely reported the broken collective.
 
-The torch.distributed rendezvous is a `file://` store in a private temporary directory: no
+- a worker that sends no result within `step_timeout_s` of when it could start a step is
+  hung (SIGSTOPped, deadlocked, or far too slow): `wait_result` raises `EngineDead` naming
+  rank 0 (the rank that answers), how long it was silent, and any rank the OS reports stopped.
+
+Who may speak on the worker socket: the socket file lives in this engine's private directory
+(mode 0700, `zomni._process`), and each rank's identity is `rank<r>-<token>` with a random
+token the workers get in their environment (never on a command line, which other users can
+read). Messages from any other identity are dropped unread, so a stray peer can neither crash
+the engine nor connect as "rank0" before the real worker does.
+
+Workers started here are *managed*: they ignore SIGTERM / SIGINT while the engine lives (a
+Ctrl-C or a systemd stop reaches the whole process group; the engine drains and then stops
+them), so stragglers at shutdown are SIGKILLed rather than terminated.
+
+The torch.distributed rendezvous is a `file://` store in the engine's private directory: no
 TCP port is chosen ahead of time, so two engines started at once cannot race for one (gloo and
 nccl then pick their own ports, bound by the OS).
 """
@@ -24,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import shutil
 import signal
 import subprocess
@@ -34,7 +49,7 @@ from collections.abc import Callable
 
 import zmq
 
-from zomni._process import new_ipc_address
+from zomni._process import WORKER_TOKEN_ENV, runtime_dir, worker_identity
 from zomni.proto import EngineConfig, EngineDead, InvalidRequest, MsgType, decode, encode
 from zomni.proto.config import WorkerConfig, to_json
 from zomni.proto.messages import (
@@ -51,6 +66,7 @@ logger = logging.getLogger("zomni.engine")
 
 _POLL_MS = 200  # how often a waiting executor checks that its workers are still alive
 _GRACE_S = 1.0  # after a death: how long to wait for the other ranks' error reports
+_MAX_LOGGED_PEERS = 16  # unknown peers on the worker socket that get a log line each
 
 
 def _error_line(error: str) -> str:
@@ -67,20 +83,23 @@ class Executor:
         self.world_size = config.tensor_parallel_size
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.address = new_ipc_address("workers")
-        self.socket.bind(self.address)
-        self.dist_dir = tempfile.mkdtemp(prefix="zomni-dist-")
+        self.dir = tempfile.mkdtemp(prefix="e-", dir=runtime_dir())  # this engine's files
+        self.address = f"ipc://{self.dir}/workers.sock"
         self.errors: dict[int, str] = {}  # rank -> error a worker reported
-        self._ranks = {f"rank{r}".encode(): r for r in range(self.world_size)}
+        token = secrets.token_hex(16)
+        self._identities = [worker_identity(r, token) for r in range(self.world_size)]
+        self._ranks = {identity: r for r, identity in enumerate(self._identities)}
+        self._unknown_peers: set[bytes] = set()
         self.procs: list[subprocess.Popen] = []
         try:
+            self.socket.bind(self.address)
+            env = {**worker_env(), WORKER_TOKEN_ENV: token}
             for rank in range(self.world_size):
                 wcfg = WorkerConfig(engine=config, rank=rank, engine_address=self.address,
-                                    dist_init_method=f"file://{self.dist_dir}/store",
+                                    dist_init_method=f"file://{self.dir}/dist-store",
                                     max_model_len=max_model_len)
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "zomni.workers.worker", to_json(wcfg)],
-                    env=worker_env()))
+                    [sys.executable, "-m", "zomni.workers.worker", to_json(wcfg)], env=env))
             ready = self._wait_ready(startup_timeout, on_idle or (lambda: None))
         except BaseException:
             self.shutdown(graceful=False)
@@ -121,16 +140,23 @@ class Executor:
         identity, *frames = self.socket.recv_multipart(copy=False)
         rank = self._ranks.get(bytes(identity))
         if rank is None:  # not one of our workers: nothing it sends is read
-            logger.warning("ignoring a message from unknown peer %r on the worker socket",
-                           bytes(identity)[:64])
+            self._log_unknown_peer(bytes(identity))
             return None
         try:
             msg_type, msg, extra = decode(frames)
-        except InvalidRequest as e:
+        except (InvalidRequest, RecursionError) as e:
             raise EngineDead(f"worker rank {rank} sent an undecodable message: {e}") from None
         if msg_type == MsgType.WORKER_ERROR:
             self.errors[rank] = msg.error
         return rank, msg_type, msg, extra
+
+    def _log_unknown_peer(self, identity: bytes) -> None:
+        """One warning per unknown peer (the first few), so a flood cannot fill the log."""
+        if identity in self._unknown_peers or len(self._unknown_peers) >= _MAX_LOGGED_PEERS:
+            return
+        self._unknown_peers.add(identity)
+        logger.warning("ignoring messages from unknown peer %r on the worker socket",
+                       identity[:64])
 
     def check_alive(self, starting: bool = False) -> None:
         for rank, proc in enumerate(self.procs):
@@ -164,13 +190,18 @@ class Executor:
     def execute(self, plan: StepPlan) -> None:
         """Send the plan to every rank without waiting (the engine overlaps input handling)."""
         frames = encode(MsgType.STEP, plan)
-        for rank in range(self.world_size):
-            self.socket.send_multipart([f"rank{rank}".encode(), *frames], copy=False)
+        for identity in self._identities:
+            self.socket.send_multipart([identity, *frames], copy=False)
 
-    def wait_result(self, on_idle: Callable[[], None]) -> tuple[StepResult, list]:
+    def wait_result(self, on_idle: Callable[[], None], started_at: float | None = None
+                    ) -> tuple[StepResult, list]:
         """Block until rank 0 answers: (its result, the result's extra frames); `on_idle` runs
-        whenever the engine may do other work."""
+        whenever the engine may do other work. `started_at` (monotonic) is when the workers
+        could start this step; silence for `step_timeout_s` after it raises `EngineDead`."""
+        timeout = self.config.step_timeout_s
         while True:
+            if started_at is not None and time.monotonic() - started_at > timeout:
+                raise EngineDead(self._hung_reason(time.monotonic() - started_at))
             on_idle()
             got = self._recv(_POLL_MS)
             if got is None:
@@ -182,30 +213,48 @@ class Executor:
             if msg_type == MsgType.STEP_RESULT:
                 return msg, extra
 
-    def shutdown(self, timeout: float = 10.0, graceful: bool = True) -> None:
-        """Ask every worker to exit, then terminate (and finally kill) the stragglers.
+    def _hung_reason(self, silent_s: float) -> str:
+        stopped = [f"rank {r} is {state}" for r, p in enumerate(self.procs)
+                   if (state := _process_state(p.pid)) is not None]
+        return (f"worker rank 0 sent no step result for {silent_s:.1f} s (step_timeout_s = "
+                f"{self.config.step_timeout_s:g}): the workers are hung"
+                + (f" ({'; '.join(stopped)})" if stopped else ""))
 
-        Not graceful (a failure): a worker stuck in a collective with a dead peer cannot read
-        SHUTDOWN, so all get SIGTERM at once and SIGKILL 2 s later.
+    def shutdown(self, timeout: float = 10.0, graceful: bool = True) -> None:
+        """Ask every worker to exit, SIGKILL the stragglers, remove this engine's directory.
+
+        Not graceful (a failure): a worker stuck in a collective with a dead peer, or hung,
+        cannot read SHUTDOWN, so all are SIGKILLed at once. Managed workers ignore SIGTERM
+        while the engine lives, hence SIGKILL and no SIGTERM first.
         """
         if graceful:
             frames = encode(MsgType.SHUTDOWN, Shutdown("engine shutting down"))
-            for rank, proc in enumerate(self.procs):
+            for identity, proc in zip(self._identities, self.procs):
                 if proc.poll() is None:
                     with contextlib.suppress(zmq.ZMQError):
-                        self.socket.send_multipart([f"rank{rank}".encode(), *frames],
-                                                   flags=zmq.NOBLOCK)
+                        self.socket.send_multipart([identity, *frames], flags=zmq.NOBLOCK)
             self._wait_all(timeout)
-        for stop in (subprocess.Popen.terminate, subprocess.Popen.kill):
-            for proc in self.procs:
-                if proc.poll() is None:
-                    stop(proc)
-            self._wait_all(2.0)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        self._wait_all(5.0)
         self.socket.close(linger=0)
-        shutil.rmtree(self.dist_dir, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def _wait_all(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for proc in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def _process_state(pid: int) -> str | None:
+    """'stopped (SIGSTOP)' and the like for a process the OS reports not running normally;
+    None when it runs, sleeps, or /proc cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+    return {"T": "stopped (SIGSTOP)", "t": "stopped by a debugger", "Z": "a zombie",
+            "D": "in uninterruptible sleep"}.get(state)

@@ -18,7 +18,9 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from zomni.proto import EngineRequest, FinishReason, SamplingParams
+import msgspec
+
+from zomni.proto import EngineRequest, FinishReason, SamplingParams, TokenLogprobs
 
 
 class RequestStatus(enum.IntEnum):
@@ -64,6 +66,10 @@ class Request:
       since the worker keeps its own copy of the sampled tokens.
     - `len(output_token_ids) <= max_tokens`, where `max_tokens` is already capped by the context:
       `min(sampling.max_tokens or inf, max_model_len - len(prompt_token_ids))`.
+    - `prompt_logprobs` is a list of `num_prompt_tokens` entries (filled by position as steps
+      report them; entry 0 stays None) from admission of a request that asked for them until
+      its first output carries it away; then it is None, and a recomputation after a
+      preemption does not compute them again (`sampling_for_workers`).
     """
 
     request_id: str
@@ -79,6 +85,11 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache when first scheduled
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sampling.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
 
     @classmethod
     def from_engine_request(cls, req: EngineRequest, client_id: bytes,
@@ -92,6 +103,30 @@ class Request:
                    max_tokens=max_tokens, priority=req.priority,
                    # A custom frontend may leave arrival_time unset; then arrival is now.
                    arrival_time=req.arrival_time or time.time())
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """True while its prompt logprobs are still to be computed: every prompt position
+        then needs its logits, so none may be served from the prefix cache."""
+        return self.prompt_logprobs is not None
+
+    def add_prompt_logprobs(self, first_position: int, logprobs: list[TokenLogprobs]) -> None:
+        """File logprobs of prompt positions `first_position, ...`, unless the first output
+        already carried them away. Filed by position, so a recomputation after a preemption
+        (the same values again) duplicates nothing."""
+        slots = self.prompt_logprobs
+        if slots is None:
+            return
+        end = min(first_position + len(logprobs), len(slots))
+        if end > first_position:
+            slots[first_position:end] = logprobs[:end - first_position]
+
+    def sampling_for_workers(self) -> SamplingParams:
+        """The parameters the workers get when it is (re)admitted: without `prompt_logprobs`
+        once they were sent, so a recomputation after a preemption skips that work."""
+        if self.sampling.prompt_logprobs is None or self.needs_prompt_logits:
+            return self.sampling
+        return msgspec.structs.replace(self.sampling, prompt_logprobs=None)
 
     @property
     def all_token_ids(self) -> list[int]:

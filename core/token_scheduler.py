@@ -36,6 +36,7 @@ from zomni.proto import (
     ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
+    TokenLogprobs,
     TokenModelInfo,
     TokenRunnerInfo,
     TokenStats,
@@ -149,6 +150,10 @@ class TokenScheduler:
         if req.prompt_token_ids and not (min(req.prompt_token_ids) >= 0
                                          and max(req.prompt_token_ids) < vocab):
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        bias = req.sampling.logit_bias
+        if bias and max(bias) >= vocab:  # keys are non-negative (SamplingParams checks)
+            raise InvalidRequest(f"logit_bias token ids must be in [0, {vocab}), got "
+                                 f"{max(bias)}", param="logit_bias")
         if req.sampling.n != 1:
             raise InvalidRequest("the engine serves n=1 requests; the client fans out n > 1",
                                  param="n")
@@ -277,7 +282,13 @@ class TokenScheduler:
         kv = self.kv_cache_manager
         while self.waiting and plan.budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
-            hit_block_ids, num_hit_tokens = kv.get_computed_blocks(request)
+            if request.needs_prompt_logits:
+                # Every prompt position needs its logits, so nothing is read from the prefix
+                # cache; as in vLLM the request is not counted in the hit rate (no lookup),
+                # and its own full blocks are still cached for others.
+                hit_block_ids, num_hit_tokens = None, 0
+            else:
+                hit_block_ids, num_hit_tokens = kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, plan.budget)
             if kv.allocate_slots(request, num_new, hit_block_ids) is None:
                 break  # the head waits for blocks; nothing behind it overtakes
@@ -289,7 +300,8 @@ class TokenScheduler:
             self.running.append(request)
             plan.new_requests.append(NewRequestData(
                 request_id=request.request_id, token_ids=request.all_token_ids,
-                sampling=request.sampling, block_ids=kv.get_block_ids(request.request_id),
+                sampling=request.sampling_for_workers(),
+                block_ids=kv.get_block_ids(request.request_id),
                 num_computed_tokens=num_hit_tokens, num_prompt_tokens=request.num_prompt_tokens))
             plan.add(request.request_id, num_new)
 
@@ -312,12 +324,15 @@ class TokenScheduler:
         """Apply one step's sampled tokens; returns each client's outputs for this step.
 
         This is the only place that loops over the sampled tokens. Blocks that became full in
-        this step are registered in the prefix cache first (their KV is written now), then each
-        sampling request gets its token, is checked for a stop, and finishing ones free their
-        blocks. Requests that did not sample (a partial prefill chunk) produce no output;
-        requests aborted since the plan was made are skipped.
+        this step are registered in the prefix cache first (their KV is written now), prompt
+        logprobs are filed, then each sampling request gets its token, is checked for a stop,
+        and finishing ones free their blocks. Requests that did not sample (a partial prefill
+        chunk) produce no output; requests aborted since the plan was made are skipped. A
+        request's first output carries its prompt logprobs when it asked for them.
         """
         self._cache_computed_blocks(scheduler_output)
+        if runner_output.prompt_logprobs:
+            self._add_prompt_logprobs(scheduler_output, runner_output.prompt_logprobs)
         logprobs = runner_output.logprobs or [None] * len(runner_output.request_ids)
         outputs: dict[bytes, list[EngineOutput]] = defaultdict(list)
         num_new = 0
@@ -335,6 +350,8 @@ class TokenScheduler:
                 new_logprobs=None if token_logprobs is None else [token_logprobs],
                 num_prompt_tokens=request.num_prompt_tokens if first else 0,
                 num_cached_tokens=request.num_cached_tokens if first else 0)
+            if first and request.prompt_logprobs is not None:
+                output.prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
             if status is not None:
                 if request.status == RequestStatus.RUNNING:
                     self.running.remove(request)
@@ -348,6 +365,17 @@ class TokenScheduler:
         self.generation_tokens_total += num_new
         self._generated.append((time.monotonic(), num_new))
         return dict(outputs)
+
+    def _add_prompt_logprobs(self, scheduler_output: SchedulerOutput,
+                             found: dict[str, list[TokenLogprobs]]) -> None:
+        """File this step's prompt logprobs: a request computed from `c` (the plan's value,
+        as the worker saw it) reported prompt positions c + 1, c + 2, ..."""
+        starts = {r.request_id: r.num_computed_tokens
+                  for r in (*scheduler_output.new_requests, *scheduler_output.cached_requests)}
+        for request_id, logprobs in found.items():
+            request = self.requests.get(request_id)
+            if request is not None and request_id in starts:  # else finished since
+                request.add_prompt_logprobs(starts[request_id] + 1, logprobs)
 
     def _cache_computed_blocks(self, scheduler_output: SchedulerOutput) -> None:
         """Register full blocks of every request that computed tokens in this plan, using the

@@ -6,6 +6,11 @@
 It says HELLO, waits for READY, sends one REQUEST (token ids: the engine never sees text) and
 prints the token ids of every OUTPUTS message as they stream in. A client in another language
 does the same with ZMQ and msgpack alone; `proto/SCHEMA.md` describes every message.
+
+An engine started with `--curve-keys-dir DIR` (keys from `zomni keys generate DIR`) answers only
+CURVE clients that know its public key: pass `--server-key DIR/server.key`. This client then
+makes itself a key pair on the fly, unless `--client-key NAME.key_secret` names one (needed
+when the engine admits only the clients listed in DIR/clients/).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from zomni.proto import (
     decode,
     encode,
 )
+from zomni.proto.keys import apply_client
 
 
 def main() -> None:
@@ -34,12 +40,18 @@ def main() -> None:
     parser.add_argument("--prompt-ids", type=int, nargs="+", default=[5, 6, 7])
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per message")
+    parser.add_argument("--server-key", help="the engine's CURVE public key (z85 text, its "
+                        "server.key file, or the keys directory); for --curve-keys-dir engines")
+    parser.add_argument("--client-key", help="this client's NAME.key_secret (default: a fresh "
+                        "key pair)")
     args = parser.parse_args()
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)  # the engine's ROUTER routes replies by this identity
     sock.setsockopt(zmq.IDENTITY, f"custom-{uuid.uuid4().hex}".encode())
     sock.setsockopt(zmq.LINGER, 0)
+    if args.server_key:  # CURVE: encrypted, and only for those who know the engine's key
+        apply_client(sock, args.server_key, args.client_key)
     sock.connect(args.engine)
 
     def recv():

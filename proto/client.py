@@ -8,12 +8,20 @@ index them (`arrays.read_array`).
 
 `EngineClient` is blocking (the offline `LLM` uses it); `AsyncEngineClient` runs on asyncio and
 routes outputs to one queue per request (the HTTP frontend and `AsyncLLM` use it).
+
+Request ids are the client's own (the engine scopes them per client). Both clients remember
+their unfinished requests and abort them on `close()`, so an engine draining for a shutdown
+does not wait for requests nobody reads. For an engine with CURVE on (`curve_keys_dir`), pass
+`server_key` (the server's public key: z85 text, its server.key file, or the keys directory)
+and optionally `client_key` (a NAME.key_secret file; a fresh key pair otherwise): see
+`keys.py`. Without the right server key the engine never answers, and `connect` times out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,10 +30,12 @@ import zmq
 
 from .codec import SCHEMA_HASH, decode, encode
 from .errors import EngineDead, InvalidRequest, ProtocolMismatch, ZomniError, error_from_wire
+from .keys import apply_client
 from .messages import (
     PROTOCOL_VERSION,
     Abort,
     Empty,
+    ErrorMsg,
     FinishReason,
     Hello,
     MsgType,
@@ -35,13 +45,28 @@ from .messages import (
     Stats,
 )
 
+KeySource = str | bytes | os.PathLike
 
-def _new_socket(ctx: zmq.Context, address: str) -> zmq.Socket:
+
+def _new_socket(ctx: zmq.Context, address: str, server_key: KeySource | None = None,
+                client_key: KeySource | None = None) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, f"client-{uuid.uuid4().hex}".encode())
     sock.setsockopt(zmq.LINGER, 0)
+    if server_key is not None:
+        apply_client(sock, server_key, client_key)
     sock.connect(address)
     return sock
+
+
+def _close_aborting(sock: zmq.Socket, request_ids: list[str]) -> None:
+    """Abort `request_ids` (if any) and close, lingering briefly so the ABORT leaves."""
+    linger = 0
+    if request_ids and not sock.closed:
+        with contextlib.suppress(zmq.ZMQError):
+            sock.send_multipart(encode(MsgType.ABORT, Abort(request_ids)), zmq.NOBLOCK)
+            linger = 200
+    sock.close(linger=linger)
 
 
 def _check_ready(msg_type: MsgType, msg) -> Ready:
@@ -64,11 +89,13 @@ def output_error(out: Output) -> ZomniError | None:
 class EngineClient:
     """Blocking client. `alive` lets the caller fail fast when a local engine process died."""
 
-    def __init__(self, address: str, alive: Callable[[], bool] | None = None):
+    def __init__(self, address: str, alive: Callable[[], bool] | None = None,
+                 server_key: KeySource | None = None, client_key: KeySource | None = None):
         self.ctx = zmq.Context()
-        self.socket = _new_socket(self.ctx, address)
+        self.socket = _new_socket(self.ctx, address, server_key, client_key)
         self.alive = alive or (lambda: True)
         self.ready: Ready | None = None
+        self.open: set[str] = set()  # ids sent and not finished yet
 
     def connect(self, timeout: float = 600.0, client_name: str = "") -> Ready:
         self._send(MsgType.HELLO, Hello(PROTOCOL_VERSION, SCHEMA_HASH, client_name))
@@ -83,6 +110,7 @@ class EngineClient:
 
     def add_request(self, request: Request) -> None:
         self._send(MsgType.REQUEST, request)
+        self.open.add(request.request_id)
 
     def abort(self, request_ids: list[str]) -> None:
         self._send(MsgType.ABORT, Abort(request_ids))
@@ -103,7 +131,11 @@ class EngineClient:
         if self.socket.poll(timeout_ms):
             msg_type, msg, arrays = decode(self.socket.recv_multipart())
             if msg_type == MsgType.ENGINE_DEAD:
+                self.open.clear()
                 raise EngineDead(msg.reason)
+            if msg_type == MsgType.OUTPUTS:
+                self.open.difference_update(o.request_id for o in msg.outputs
+                                            if o.finish_reason is not None)
             return msg_type, msg, arrays
         if not self.alive():
             raise EngineDead("the engine process exited")
@@ -113,7 +145,8 @@ class EngineClient:
         self.socket.send_multipart(encode(msg_type, msg))
 
     def close(self) -> None:
-        self.socket.close(linger=0)
+        _close_aborting(self.socket, sorted(self.open))
+        self.open.clear()
         self.ctx.term()
 
 
@@ -125,9 +158,10 @@ class AsyncEngineClient:
     is edge-triggered, so every wake-up (and every send, which may consume the edge) drains it.
     """
 
-    def __init__(self, address: str, alive: Callable[[], bool] | None = None):
+    def __init__(self, address: str, alive: Callable[[], bool] | None = None,
+                 server_key: KeySource | None = None, client_key: KeySource | None = None):
         self.ctx = zmq.Context()
-        self.socket = _new_socket(self.ctx, address)
+        self.socket = _new_socket(self.ctx, address, server_key, client_key)
         # Unbounded, so a send never blocks the loop; requests in flight are bounded upstream.
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.alive = alive or (lambda: True)
@@ -193,10 +227,13 @@ class AsyncEngineClient:
         return await self._reply(MsgType.STATS)
 
     async def ping(self, timeout: float = 5.0) -> bool:
-        await self._send(MsgType.PING, Empty())
+        """True when the engine answers PONG within `timeout`: its loop runs and no step is
+        overdue. False when it does not, is dead, or is shutting down (it answers an
+        EngineDead ERROR then)."""
         try:
+            await self._send(MsgType.PING, Empty())
             await asyncio.wait_for(self._reply(MsgType.PONG), timeout)
-        except (asyncio.TimeoutError, EngineDead):
+        except (asyncio.TimeoutError, ZomniError):
             return False
         return True
 
@@ -228,8 +265,21 @@ class AsyncEngineClient:
                     self._hello.set_result((msg_type, msg))
             elif msg_type in self._replies:
                 self._replies[msg_type].put_nowait(msg)
+            elif msg_type == MsgType.ERROR:
+                self._route_error(msg)
             elif msg_type == MsgType.ENGINE_DEAD:
                 self._fail(EngineDead(msg.reason))
+
+    def _route_error(self, msg: ErrorMsg) -> None:
+        """An ERROR goes to whoever waits for what it answers: a request's stream, or a PING
+        or GET_STATS reply."""
+        error = error_from_wire(msg.kind, msg.message)
+        queue = self._queues.get(msg.request_id) if msg.request_id else None
+        if queue is None:
+            queue = self._replies.get({MsgType.PING: MsgType.PONG,
+                                       MsgType.GET_STATS: MsgType.STATS}.get(msg.reply_to, 0))
+        if queue is not None:
+            queue.put_nowait(error)
 
     def _check_alive(self) -> None:
         if self.dead is not None:
@@ -256,5 +306,5 @@ class AsyncEngineClient:
         if self._loop is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop may be gone with its thread
                 self._loop.remove_reader(self.socket.getsockopt(zmq.FD))
-        self.socket.close(linger=0)
+        _close_aborting(self.socket, [] if self.dead else sorted(self._queues))
         self.ctx.term()

@@ -6,11 +6,13 @@ command line (no pickle), and so a process started by hand reads the same fields
 
 from __future__ import annotations
 
+import math
 import os
 
 import msgspec
 
 from .errors import InvalidRequest
+from .keys import check_server_keys
 from .messages import ModelKind
 from .model_info import model_kind
 
@@ -40,14 +42,37 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     seed: int = 0
     listen: str = ""  # ROUTER address for clients; a fresh ipc:// path when empty
     num_threads: int | None = None  # torch threads per worker; all cores when None
+    # Watchdog: a step whose result takes longer than this (from when the workers could start
+    # it) means a hung worker; the engine fails every request with EngineDead and exits. As
+    # SGLang's --watchdog-timeout and vLLM's execute-model timeout: 300 s, far above any
+    # real step (an AR step is milliseconds; an image step on a CPU seconds, its first one,
+    # which also encodes prompts and decodes with the VAE, tens of seconds). The AR runner
+    # warms up before WORKER_READY, so no first step pays a compilation.
+    step_timeout_s: float = 300.0
+    # On SIGTERM / SIGINT: refuse new requests (EngineDead "shutting down"), let requests in
+    # flight finish for up to this long, end the rest with EngineDead, exit. 5 s fits within
+    # `docker stop`'s 10 s and Kubernetes' 30 s defaults; 0 ends them at once.
+    drain_timeout_s: float = 5.0
+    # ZMQ CURVE on the client socket: a directory from `zomni keys generate DIR` holding
+    # server.key_secret (and optionally clients/*.key: then only those clients may connect).
+    curve_keys_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "block_size", "max_num_seqs",
                      "max_num_batched_tokens", "max_waiting_requests", "num_kv_blocks"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InvalidRequest(f"{name} must be at least 1", param=name)
-        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+        if self.kv_cache_memory_gb is not None and not (
+                math.isfinite(self.kv_cache_memory_gb) and self.kv_cache_memory_gb > 0):
             raise InvalidRequest("kv_cache_memory_gb must be positive", param="kv_cache_memory_gb")
+        if not (math.isfinite(self.step_timeout_s) and self.step_timeout_s > 0):
+            raise InvalidRequest("step_timeout_s must be a positive number of seconds, got "
+                                 f"{self.step_timeout_s}", param="step_timeout_s")
+        if not (math.isfinite(self.drain_timeout_s) and self.drain_timeout_s >= 0):
+            raise InvalidRequest("drain_timeout_s must be a non-negative number of seconds, "
+                                 f"got {self.drain_timeout_s}", param="drain_timeout_s")
+        if self.curve_keys_dir is not None:
+            check_server_keys(self.curve_keys_dir)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InvalidRequest(f"unknown dtype {self.dtype!r}", param="dtype")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -208,6 +208,10 @@ class EngineOutput(_Msg, tag=_AR):
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str = ""  # set when finish_reason is ERROR; the class name of the error is `error_kind`
     error_kind: str = ""
+    # on a request's first output when it asked for `prompt_logprobs`: one entry per prompt
+    # position, vLLM's layout: entry 0 is None (the first token has no context), entry i holds
+    # prompt token i first, then the top-N, from the model's raw logits at position i - 1
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class ImageOutput(_Msg, tag=_IMAGE):
@@ -220,6 +224,7 @@ class ImageOutput(_Msg, tag=_IMAGE):
     num_steps: int = 0  # denoising steps it ran
     error: str = ""
     error_kind: str = ""
+    queue_time_s: float = 0.0  # from its arrival to the start of its first denoising step
 
 
 class EngineOutputs(_Msg):
@@ -259,11 +264,14 @@ class Stats(_Msg):
 
 
 class ErrorMsg(_Msg):
-    """An error that is not tied to one request (bad HELLO, undecodable message)."""
+    """An error that is not tied to one request's outputs (bad HELLO, a message before HELLO,
+    an undecodable message, PING while shutting down). `reply_to` is the type of the message
+    it answers (0: unknown), so a client can hand it to whoever waits for that reply."""
 
     kind: str
     message: str
     request_id: str = ""
+    reply_to: int = 0
 
 
 class EngineDeadMsg(_Msg):
@@ -353,6 +361,10 @@ class ModelRunnerOutput(_Msg, tag=_AR):
     request_ids: list[str]
     sampled_token_ids: list[int]
     logprobs: list[TokenLogprobs | None] | None = None
+    # request id -> logprobs of the prompt positions whose logits this step computed, in order:
+    # for a request scheduled from `num_computed_tokens` c (the plan's value), prompt positions
+    # c + 1, c + 2, ... (< num_prompt_tokens); absent for requests that did not ask
+    prompt_logprobs: dict[str, list[TokenLogprobs]] | None = None
 
 
 class DenoiseRunnerOutput(_Msg, tag=_IMAGE):
@@ -361,6 +373,7 @@ class DenoiseRunnerOutput(_Msg, tag=_IMAGE):
     step_id: int
     request_ids: list[str]
     pixels: list[ArrayRef]  # one per finished request, uint8 [num_images, height, width, 3]
+    denoise_started_at: float = 0.0  # wall clock when the step's denoiser forward began
 
 
 class WorkerError(_Msg):

@@ -39,10 +39,28 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # token id -> bias added to its logit before sampling (OpenAI `logit_bias`); ids are
+    # checked against the vocabulary by the engine core, which knows it
+    logit_bias: dict[int, float] | None = None
+    prompt_logprobs: int | None = None  # top-N logprobs per prompt position (vLLM), N in [0, 20]
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            _check(value is None or _INT64_MIN <= value <= _INT64_MAX, name,
+                   f"{name} must fit in a signed 64-bit integer")
+        _check(not self.stop_token_ids
+               or all(_INT64_MIN <= t <= _INT64_MAX for t in self.stop_token_ids),
+               "stop_token_ids", "stop_token_ids must fit in signed 64-bit integers")
+        for name, (low, high, shown) in _FLOAT_RANGES.items():
+            value = getattr(self, name)
+            # NaN fails every comparison; the float32 bound catches values (1e39) that are
+            # finite here but inf in the sampler's float32 tensors, where -inf / inf is NaN
+            # and a NaN logit wins the argmax even over a token banned by min_tokens.
+            _check(_finite_float32(value) and low <= value <= high, name,
+                   f"{name} must be a finite number in {shown}, got {str(value)[:24]}")
         _check(self.n >= 1, "n", f"n must be at least 1, got {self.n}")
         _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens",
                f"max_tokens must be at least 1, got {self.max_tokens}")
@@ -50,26 +68,63 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
                f"min_tokens must be non-negative, got {self.min_tokens}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        _check(self.temperature >= 0.0, "temperature",
-               f"temperature must be non-negative, got {self.temperature}")
-        _check(0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        _check(self.top_p > 0.0, "top_p", f"top_p must be a finite number in (0, 1], got "
+               f"{self.top_p}")
         _check(self.top_k == -1 or self.top_k >= 0, "top_k",
                f"top_k must be -1 (disabled), 0 (disabled) or positive, got {self.top_k}")
-        _check(0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {self.min_p}")
-        _check(self.repetition_penalty > 0.0, "repetition_penalty",
-               f"repetition_penalty must be positive, got {self.repetition_penalty}")
-        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
-               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty",
-               f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs",
                f"logprobs must be in [0, 20], got {self.logprobs}")
-        _check(self.seed is None or -(2**63) <= self.seed < 2**63, "seed",
-               "seed must fit in a signed 64-bit integer")
+        _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+               "prompt_logprobs", f"prompt_logprobs must be in [0, 20], got "
+               f"{str(self.prompt_logprobs)[:24]}")
+        if self.logit_bias is not None:
+            _check_logit_bias(self.logit_bias)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_FLOAT32_MAX = 3.4028234663852886e38
+_INT_FIELDS = ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs")
+# Every float field, with its closed range. Temperature: 0 is greedy, and above ~10 sampling
+# is already near uniform, so 100 refuses only mistakes. Repetition penalty divides (or
+# multiplies) logits: within [0.01, 100] they stay far from float32 overflow.
+_FLOAT_RANGES: dict[str, tuple[float, float, str]] = {
+    "temperature": (0.0, 100.0, "[0, 100]"),
+    "top_p": (0.0, 1.0, "(0, 1]"),  # > 0 is checked apart
+    "min_p": (0.0, 1.0, "[0, 1]"),
+    "repetition_penalty": (0.01, 100.0, "[0.01, 100]"),
+    "frequency_penalty": (-2.0, 2.0, "[-2, 2]"),
+    "presence_penalty": (-2.0, 2.0, "[-2, 2]"),
+}
+
+
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's bound: a bias map is small, and sent every request
+
+
+def _check_logit_bias(logit_bias: dict[int, float]) -> None:
+    """OpenAI's rules: at most 300 token ids (non-negative ints; < vocab is the engine's
+    check), each biased by a finite value in [-100, 100] (refused, not clamped)."""
+    _check(isinstance(logit_bias, dict) and len(logit_bias) <= MAX_LOGIT_BIAS_ENTRIES,
+           "logit_bias", f"logit_bias must map at most {MAX_LOGIT_BIAS_ENTRIES} token ids to "
+           "biases")
+    for token_id, bias in logit_bias.items():
+        _check(type(token_id) is int and 0 <= token_id <= _INT64_MAX, "logit_bias",
+               f"logit_bias keys must be token ids (non-negative integers), got "
+               f"{str(token_id)[:24]}")
+        _check(not isinstance(bias, bool) and _finite_float32(bias) and -100 <= bias <= 100,
+               "logit_bias", f"logit_bias values must be finite numbers in [-100, 100], got "
+               f"{str(bias)[:24]} for token {token_id}")
+
+
+def _finite_float32(value: float) -> bool:
+    """True for a number that is finite as a float32 (what the workers compute with)."""
+    try:
+        return math.isfinite(value) and abs(value) <= _FLOAT32_MAX
+    except (TypeError, OverflowError):  # not a number, or an int too large for a float
+        return False
 
 
 def _check(ok: bool, param: str, message: str) -> None:
@@ -109,7 +164,7 @@ class ImageParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False,
         _check(steps is None or 1 <= steps <= MAX_NUM_STEPS, "num_inference_steps",
                f"num_inference_steps must be in [1, {MAX_NUM_STEPS}], got {steps}")
         g = self.guidance_scale
-        _check(g is None or (math.isfinite(g) and 0.0 <= g <= 100.0), "guidance_scale",
+        _check(g is None or (_finite_float32(g) and 0.0 <= g <= 100.0), "guidance_scale",
                f"guidance_scale must be a finite number in [0, 100], got {g}")
         _check(self.seed is None or -(2**63) <= self.seed < 2**63, "seed",
                "seed must fit in a signed 64-bit integer")

@@ -73,7 +73,7 @@ class ImagePipeline:
         from diffusers import DiffusionPipeline
 
         return DiffusionPipeline.from_pretrained(model_dir, transformer=None,
-                                                 torch_dtype=self.dtype).to(self.device)
+                                                 dtype=self.dtype).to(self.device)
 
     def latent_shape(self, req: DenoiseRequestData) -> tuple[int, int, int, int]:
         c = self.denoiser.config.in_channels

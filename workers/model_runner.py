@@ -9,6 +9,9 @@ The worker decides nothing. Per step, in this order:
     (e) one forward over the flat batch (prefill chunks and decodes mixed)
     (f) requests whose tokens now all have KV sample one token (LM head on those rows only);
         the token is appended to the worker's copy of token_ids, num_computed advances by n
+    (g) requests that asked for `prompt_logprobs` get the LM head on their prompt rows of this
+        step too, a slice of rows at a time (a [rows, vocab] block, never [T, vocab]); the
+        others pay nothing
 
 Rank 0 samples and returns the `ModelRunnerOutput`; under tensor parallelism the sampled ids are
 broadcast so every rank's token_ids stay identical, and other ranks return None.
@@ -45,11 +48,14 @@ from zomni.workers.device import (
 )
 from zomni.workers.loader import load_model
 from zomni.workers.parallel_state import broadcast
-from zomni.workers.sampler import Sampler, SamplingMetadata
+from zomni.workers.sampler import Sampler, SamplingMetadata, prompt_logprobs
 
 logger = logging.getLogger("zomni.worker")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Prompt logprobs: logits are computed for at most this many elements (rows x vocab) at once,
+# 64 MiB in fp32, so a long prompt chunk never holds a [T, vocab] block.
+_PROMPT_LOGITS_ELEMENTS = 2**24
 
 
 @dataclass
@@ -69,6 +75,19 @@ class StepInputs:
     attn: AttentionMetadata
     logits_indices: torch.Tensor  # [S] rows of the flat batch that sample
     sampling_requests: list[RequestState]  # [S], plan order
+    prompt_chunks: list[PromptChunk]  # requests that want logprobs of prompt positions
+
+
+@dataclass
+class PromptChunk:
+    """Rows `first_row ...` of the flat batch are prompt positions c, c+1, ... of a request
+    that asked for prompt logprobs; row i's logits score `target_ids[i]`, prompt token c+1+i.
+    The prompt's last position is not among them: its logits sample the first output token."""
+
+    request_id: str
+    first_row: int
+    target_ids: list[int]
+    num_logprobs: int
 
 
 class ModelRunner:
@@ -105,6 +124,7 @@ class ModelRunner:
         self._warm_up(min(self.max_num_batched_tokens, self.num_kv_blocks * self.block_size,
                           getattr(self.hf_config, "max_position_embeddings", 2**31)))
         self.requests: dict[str, RequestState] = {}
+        self.prompt_logits_rows = max(1, _PROMPT_LOGITS_ELEMENTS // self.vocab_size)
 
     # ---- setup ---------------------------------------------------------------------------
 
@@ -181,6 +201,7 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])
         finally:
             set_context(None)
+        prompt_lps = self._prompt_logprobs(hidden, inputs.prompt_chunks)
         sampled, logprobs = self._sample(logits, inputs.sampling_requests)
 
         for request_id, n in plan.num_scheduled_tokens.items():
@@ -191,7 +212,7 @@ class ModelRunner:
             return None
         return ModelRunnerOutput(plan.step_id,
                                  [r.request_id for r in inputs.sampling_requests],
-                                 sampled, logprobs)
+                                 sampled, logprobs, prompt_lps or None)
 
     def _update_states(self, plan: SchedulerOutput) -> None:
         for request_id in plan.finished_request_ids:
@@ -240,12 +261,20 @@ class ModelRunner:
         query_lens, starts, tables = [], [], []
         logits_indices: list[int] = []
         sampling_requests: list[RequestState] = []
+        prompt_chunks: list[PromptChunk] = []
         for request_id, n in plan.num_scheduled_tokens.items():
             req = self._get(request_id)
             start = req.num_computed_tokens
             if n < 1 or start + n > len(req.token_ids):
                 raise ValueError(f"request {request_id!r}: {n} tokens scheduled from "
                                  f"{start}, but it has {len(req.token_ids)} tokens")
+            if req.sampling.prompt_logprobs is not None:
+                # positions whose next token is a prompt token: [start, num_prompt - 1)
+                end = min(start + n, req.num_prompt_tokens - 1)
+                if end > start:
+                    prompt_chunks.append(PromptChunk(request_id, len(input_ids),
+                                                     req.token_ids[start + 1:end + 1],
+                                                     req.sampling.prompt_logprobs))
             input_ids.extend(req.token_ids[start:start + n])
             query_lens.append(n)
             starts.append(start)
@@ -258,7 +287,26 @@ class ModelRunner:
             input_ids=torch.tensor(input_ids, dtype=torch.int64, device=self.device),
             attn=attn,
             logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=self.device),
-            sampling_requests=sampling_requests)
+            sampling_requests=sampling_requests, prompt_chunks=prompt_chunks)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, chunks: list[PromptChunk]
+                         ) -> dict[str, list[TokenLogprobs]]:
+        """Logprobs of this step's prompt positions, per request that asked (rank 0; other
+        ranks run the LM head too, for its all-gather, and return {})."""
+        out: dict[str, list[TokenLogprobs]] = {}
+        step = self.prompt_logits_rows
+        for chunk in chunks:
+            found: list[TokenLogprobs] = []
+            for lo in range(0, len(chunk.target_ids), step):
+                targets = chunk.target_ids[lo:lo + step]
+                first = chunk.first_row + lo
+                logits = self.model.compute_logits(hidden[first:first + len(targets)])
+                if self.rank == 0:
+                    found += prompt_logprobs(logits, torch.tensor(targets, device=self.device),
+                                             chunk.num_logprobs)
+            if self.rank == 0:
+                out[chunk.request_id] = found
+        return out
 
     def _sample(self, logits: torch.Tensor | None, requests: list[RequestState]
                 ) -> tuple[list[int], list[TokenLogprobs | None] | None]:

@@ -4,6 +4,7 @@ Order of operations on the logits [S, V] of the rows that sample:
 
     raw logits ──► logprobs (log_softmax of the raw logits, vLLM's default), if any row asks
         │
+        ├─ logit_bias: added to the listed tokens' logits (before penalties, as in vLLM)
         ├─ repetition penalty (prompt + output tokens), frequency / presence (output tokens)
         ├─ min_tokens: stop ids (and EOS unless ignore_eos) get -inf below min_tokens outputs
         ├─ greedy rows (temperature < 1e-5 or top_k == 1): argmax
@@ -12,7 +13,11 @@ Order of operations on the logits [S, V] of the rows that sample:
 
 Each seeded request has its own `torch.Generator`, advanced only by its own draws, so its output
 does not depend on its batch mates; unseeded rows share the worker's generator. Work nobody asked
-for (penalties, sorting for top-k/top-p, logprobs) is skipped.
+for (bias, penalties, sorting for top-k/top-p, logprobs) is skipped.
+
+Logprobs, of sampled tokens and of prompt tokens (`prompt_logprobs`) alike, are those of the raw
+logits: vLLM's default `logprobs_mode="raw_logprobs"`, so a bias or a temperature changes which
+token is drawn, not the reported logprob of a token.
 """
 
 from __future__ import annotations
@@ -51,9 +56,12 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """Sample a token per row of `logits` [S, V]: the step's own tensor, which the sampler
+        may change in place (logit_bias); a caller that reuses it passes a copy."""
         logits = logits.float()
         want_logprobs = [i for i, p in enumerate(meta.params) if p.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        logits = apply_logit_bias(logits, meta)
         logits = apply_penalties(logits, meta)
         logits = apply_min_tokens(logits, meta)
         sampled = self._sample(logits, meta)
@@ -98,6 +106,30 @@ def _token_counts(token_lists: list[Sequence[int]], vocab: int,
     counts = torch.zeros(len(token_lists), vocab, device=device)
     counts.index_put_((rows, cols), torch.ones_like(cols, dtype=counts.dtype), accumulate=True)
     return counts
+
+
+def apply_logit_bias(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Add each row's `logit_bias` to its tokens' logits, IN PLACE (OpenAI: +-100 forces or
+    bans a token, smaller values nudge it). In place because a copy of [S, vocab] would cost
+    every batch mate of one biased request; the sampler owns the step's logits. The engine
+    core checked the ids against the vocabulary; one outside it here is skipped, not fatal."""
+    rows = [i for i, p in enumerate(meta.params) if p.logit_bias]
+    if not rows:
+        return logits
+    ids: list[int] = []
+    values: list[float] = []
+    for i in rows:  # C-level extends: no Python loop over the bias entries
+        ids.extend(meta.params[i].logit_bias)
+        values.extend(meta.params[i].logit_bias.values())
+    device = logits.device
+    counts = torch.tensor([len(meta.params[i].logit_bias) for i in rows], device=device)
+    row_ids = torch.repeat_interleave(torch.tensor(rows, device=device), counts)
+    cols = torch.tensor(ids, dtype=torch.int64, device=device)
+    keep = cols < logits.shape[1]  # ids are non-negative (SamplingParams checks)
+    logits.index_put_((row_ids[keep], cols[keep]),
+                      torch.tensor(values, dtype=logits.dtype, device=device)[keep],
+                      accumulate=True)
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -178,18 +210,32 @@ def apply_top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
 def gather_logprobs(raw_logprobs: torch.Tensor, sampled: torch.Tensor,
                     params: list[SamplingParams], rows: list[int]) -> list[TokenLogprobs | None]:
     """TokenLogprobs for each row in `rows`: the sampled token, then the top-N, with ranks."""
-    lp = raw_logprobs[rows]
-    tok = sampled[rows]
-    tok_lp = lp.gather(1, tok[:, None])
-    tok_rank = (lp > tok_lp).sum(dim=-1) + 1
-    max_n = max(params[i].logprobs for i in rows)
-    top_lp, top_ids = lp.topk(max_n, dim=-1)
+    found = token_logprobs(raw_logprobs[rows], sampled[rows], [params[i].logprobs for i in rows])
     out: list[TokenLogprobs | None] = [None] * len(params)
-    tok, tok_lp, tok_rank = tok.tolist(), tok_lp[:, 0].tolist(), tok_rank.tolist()
-    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
-    for j, i in enumerate(rows):
-        n = params[i].logprobs
-        out[i] = TokenLogprobs(token_ids=[tok[j]] + top_ids[j][:n],
-                               logprobs=[tok_lp[j]] + top_lp[j][:n],
-                               ranks=[tok_rank[j]] + list(range(1, n + 1)))
+    for i, lp in zip(rows, found):
+        out[i] = lp
     return out
+
+
+def prompt_logprobs(logits: torch.Tensor, target_ids: torch.Tensor,
+                    num: int) -> list[TokenLogprobs]:
+    """vLLM's prompt logprobs: row i of `logits` [R, V] is the model's output at a prompt
+    position, `target_ids[i]` the prompt token that follows it; the raw log_softmax of the
+    row, for that token first, then the top-`num`."""
+    return token_logprobs(torch.log_softmax(logits.float(), dim=-1), target_ids,
+                          [num] * len(target_ids))
+
+
+def token_logprobs(lp: torch.Tensor, token_ids: torch.Tensor,
+                   num: list[int]) -> list[TokenLogprobs]:
+    """Per row of the logprobs `lp` [R, V]: `token_ids[i]` first, then the top-`num[i]`,
+    with its rank (1 + the number of tokens with a greater logprob)."""
+    tok_lp = lp.gather(1, token_ids[:, None])
+    tok_rank = (lp > tok_lp).sum(dim=-1) + 1
+    top_lp, top_ids = lp.topk(max(num), dim=-1)
+    tok, tok_lp, tok_rank = token_ids.tolist(), tok_lp[:, 0].tolist(), tok_rank.tolist()
+    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+    return [TokenLogprobs(token_ids=[tok[j]] + top_ids[j][:n],
+                          logprobs=[tok_lp[j]] + top_lp[j][:n],
+                          ranks=[tok_rank[j]] + list(range(1, n + 1)))
+            for j, n in enumerate(num)]

@@ -1,6 +1,6 @@
 """Worker process: one per device. Run as `python -m zomni.workers.worker '<WorkerConfig JSON>'`.
 
-    start ─► die_with_parent ─► DEALER "rank{r}" connects to the engine's ROUTER ─► init
+    start ─► die_with_parent ─► DEALER "rank{r}-{token}" connects to the engine's ROUTER ─► init
     torch.distributed (world > 1) ─► the runner for the model's kind (runner.py: load weights,
     allocate caches) ─► WORKER_READY
     (a failure to start is sent as a WORKER_ERROR with step_id -1, then exit 1)
@@ -10,6 +10,14 @@
     SIGTERM / SIGINT ─► close the socket, destroy the process group, exit 0
 
 The loop never looks at the kind: plans and results are the runner's business.
+
+A worker started by an engine core is *managed* (its environment holds the identity token,
+`ZOMNI_WORKER_TOKEN`): it ignores SIGTERM / SIGINT while that engine lives, because the engine
+decides when its workers stop (a Ctrl-C or a systemd stop signals the whole process group; the
+engine drains, then sends SHUTDOWN). When the engine dies the kernel sends SIGTERM
+(`die_with_parent`) and the worker exits, removing the dead engine's private files (its
+socket, the distributed store: `zomni._process`). A worker started by hand has no token,
+connects as "rank{r}" and exits on SIGTERM.
 
 ZOMNI_PROFILE_DIR=<dir> profiles the serving loop and writes each rank's op table there.
 """
@@ -29,7 +37,12 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from zomni._process import die_with_parent
+from zomni._process import (
+    WORKER_TOKEN_ENV,
+    die_with_parent,
+    remove_orphaned_engine_files,
+    worker_identity,
+)
 from zomni.proto import MsgType, WorkerConfig, WorkerReady, decode, encode
 from zomni.proto.config import from_json
 from zomni.proto.messages import WorkerError
@@ -43,7 +56,21 @@ class _Terminated(BaseException):
     """Raised from the signal handler; a BaseException so no `except Exception` swallows it."""
 
 
+class _Managed:
+    """Set at start for a managed worker: the engine's pid (our parent then)."""
+
+    engine_pid: int | None = None
+
+    @classmethod
+    def engine_alive(cls) -> bool:
+        return cls.engine_pid is not None and os.getppid() == cls.engine_pid
+
+
 def _on_signal(signum: int, frame) -> None:
+    if _Managed.engine_alive():
+        logger.info("ignoring %s: the engine core (pid %d) stops its workers; signal it",
+                    signal.Signals(signum).name, _Managed.engine_pid)
+        return
     raise _Terminated(signal.Signals(signum).name)
 
 
@@ -128,7 +155,8 @@ def run_worker(config: WorkerConfig) -> int:
     # Connected before loading, so a failure to start reaches the engine as a message
     # (a STEP_RESULT with step_id -1 and the traceback) rather than only as an exit code.
     sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, f"rank{config.rank}".encode())
+    sock.setsockopt(zmq.IDENTITY,
+                    worker_identity(config.rank, os.environ.get(WORKER_TOKEN_ENV, "")))
     sock.connect(config.engine_address)
     try:
         try:
@@ -143,10 +171,15 @@ def run_worker(config: WorkerConfig) -> int:
         logger.info("rank %d: %s, exiting", config.rank, e)
         return 0
     finally:
-        sock.close(linger=2000)  # let a final STEP_RESULT (or error) reach the engine
+        engine_died = _Managed.engine_pid is not None and not _Managed.engine_alive()
+        # let a final STEP_RESULT (or error) reach a live engine
+        sock.close(linger=0 if engine_died else 2000)
         ctx.term()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        if engine_died:
+            remove_orphaned_engine_files(os.path.dirname(config.engine_address[len("ipc://"):]),
+                                         config.engine.listen)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m zomni.workers.worker '<WorkerConfig JSON>'", file=sys.stderr)
         return 2
+    if os.environ.get(WORKER_TOKEN_ENV):
+        _Managed.engine_pid = os.getppid()
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     logging.basicConfig(level=logging.INFO,
