@@ -2,8 +2,14 @@
 
     with LLM(model="path/to/hf-model") as llm:
         outs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
+    with LLM(model="path/to/diffusers-pipeline") as llm:
+        outs = llm.generate_images(["a red circle"], ImageParams(seed=0))
+        outs[0].images[0].save("circle.png")
 
-Both start a real engine-core process (which starts the workers) and talk to it over ZMQ.
+Both start a real engine-core process (which starts the workers) and talk to it over ZMQ. The
+model folder decides what they serve: an LLM (`generate`, `chat`; its tokenizer is loaded
+here) or an image model (`generate_images`; no tokenizer here, the workers encode prompts).
+Calling the other kind's method is an `InvalidRequest`.
 """
 
 from __future__ import annotations
@@ -14,14 +20,36 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from zomni.proto import EngineDead, EngineRequest, InvalidRequest, SamplingParams, Stats
+from zomni.proto import (
+    EngineDead,
+    EngineRequest,
+    ImageParams,
+    ImageRequest,
+    InvalidRequest,
+    ModelKind,
+    Ready,
+    SamplingParams,
+    Stats,
+)
 from zomni.proto.client import AsyncEngineClient, EngineClient, output_error
+from zomni.proto.model_info import model_kind
 
+from .images import (
+    ImageGenerationOutput,
+    check_image_request,
+    image_requests,
+    output_pixels,
+    pil_images,
+    run_image_requests,
+)
 from .launch import EngineProcess, make_config
 from .outputs import CompletionOutput, RequestOutput, RequestState, child_requests
 from .tokenizer import Prompt, apply_chat_template, encode_prompt, load_tokenizer
 
-__all__ = ["LLM", "AsyncLLM", "RequestOutput", "CompletionOutput", "SamplingParams"]
+__all__ = ["LLM", "AsyncLLM", "RequestOutput", "CompletionOutput", "SamplingParams",
+           "ImageParams", "ImageGenerationOutput"]
+_KINDS = {ModelKind.AR: "an LLM", ModelKind.IMAGE: "an image model"}
+_METHODS = {ModelKind.AR: "generate() / chat()", ModelKind.IMAGE: "generate_images()"}
 
 
 class _Base:
@@ -33,8 +61,27 @@ class _Base:
                  max_model_len: int | None, seed: int, kwargs: dict[str, Any]):
         self.config = make_config(model, self.online, tensor_parallel_size=tensor_parallel_size,
                                   dtype=dtype, max_model_len=max_model_len, seed=seed, **kwargs)
-        self.tokenizer = load_tokenizer(self.config.model)
+        self.kind = model_kind(self.config.model)
+        # An image pipeline's tokenizers are the workers' business (they encode prompts).
+        self.tokenizer = load_tokenizer(self.config.model) if self.kind == ModelKind.AR \
+            else None
+        self.ready: Ready | None = None
         self.engine: EngineProcess | None = EngineProcess(self.config)
+
+    def _require(self, kind: ModelKind, method: str) -> None:
+        if self.kind != kind:
+            raise InvalidRequest(f"{method}() needs {_KINDS[kind]}; {self.config.model!r} is "
+                                 f"{_KINDS[self.kind]}: use {_METHODS[self.kind]}",
+                                 param="model")
+
+    def _image_requests(self, prompts, class_labels, params, priority,
+                        new_id) -> list[ImageRequest]:
+        """Requests checked against the model before any is sent (a 400's parameter named)."""
+        self._require(ModelKind.IMAGE, "generate_images")
+        requests = image_requests(prompts, class_labels, params, priority, new_id)
+        for request in requests:
+            check_image_request(request, self.model_info.details, self.ready.runner.max_num_seqs)
+        return requests
 
     def _states(self, children: list[EngineRequest]) -> list[RequestState]:
         eos = self.model_info.details.eos_token_ids
@@ -56,7 +103,8 @@ class LLM(_Base):
         super().__init__(model, tensor_parallel_size, dtype, max_model_len, seed, kwargs)
         self.client = EngineClient(self.engine.address, alive=self.engine.alive)
         try:
-            self.model_info = self.client.connect(client_name="LLM").model
+            self.ready = self.client.connect(client_name="LLM")
+            self.model_info = self.ready.model
         except BaseException:
             self.shutdown()
             raise
@@ -69,6 +117,7 @@ class LLM(_Base):
 
         A bad request raises its typed error after the others have finished.
         """
+        self._require(ModelKind.AR, "generate")
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -122,11 +171,30 @@ class LLM(_Base):
              add_generation_prompt: bool = True, **chat_template_kwargs: Any
              ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, via the chat template."""
+        self._require(ModelKind.AR, "chat")
         prompts = self._chat_prompts(messages, dict(chat_template_kwargs,
                                                     add_generation_prompt=add_generation_prompt))
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
+    def generate_images(self, prompts: str | Sequence[str] | None = None,
+                        params: ImageParams | Sequence[ImageParams] | None = None, *,
+                        class_labels: Sequence[int] | Sequence[Sequence[int]] | None = None,
+                        use_tqdm: bool = True, priority: int | Sequence[int] | None = None
+                        ) -> list[ImageGenerationOutput]:
+        """Generate images for every prompt (text-conditioned models) or every list of class
+        labels (class-conditional ones: `class_labels=[1, 3]` is one request, as diffusers'
+        `DiTPipeline(class_labels=[1, 3])`; `[[1], [3]]` two). Outputs come back in request
+        order, each with its `images` (PIL); all requests are batched together by the engine.
+
+        A request the model cannot serve raises `InvalidRequest` before any is sent; an error
+        from the engine is raised after the others have finished.
+        """
+        requests = self._image_requests(prompts, class_labels, params, priority,
+                                        lambda: uuid.uuid4().hex)
+        return run_image_requests(self.client, requests, use_tqdm)
+
     def get_tokenizer(self):
+        """The LLM's tokenizer (None for an image model)."""
         return self.tokenizer
 
     def get_stats(self) -> Stats:
@@ -176,13 +244,15 @@ class AsyncLLM(_Base):
         async with self._connect_lock:
             if self.client is None:
                 client = AsyncEngineClient(self.engine.address, alive=self.engine.alive)
-                self.model_info = (await client.connect(client_name="AsyncLLM")).model
+                self.ready = await client.connect(client_name="AsyncLLM")
+                self.model_info = self.ready.model
                 self.client = client
 
     async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0
                        ) -> AsyncIterator[RequestOutput]:
         """Yield a cumulative `RequestOutput` each time any of its samples gets new tokens."""
+        self._require(ModelKind.AR, "generate")
         await self.start()
         params = sampling_params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
@@ -226,6 +296,31 @@ class AsyncLLM(_Base):
         except BaseException as e:
             queue.put_nowait(e)
 
+    async def generate_images(self, prompt: str | None = None,
+                              params: ImageParams | None = None, *,
+                              class_labels: Sequence[int] | None = None,
+                              request_id: str | None = None, priority: int = 0
+                              ) -> ImageGenerationOutput:
+        """The images of one request (`params.n` of them, or n per class label), returned once
+        all are done: a diffusion request has no partial output to stream. Cancelling the
+        awaiting task, or `abort(request_id)`, aborts the request in the engine."""
+        self._require(ModelKind.IMAGE, "generate_images")
+        await self.start()
+        if prompt is not None and not isinstance(prompt, str):
+            raise InvalidRequest("AsyncLLM.generate_images takes one prompt; send several "
+                                 "requests concurrently to batch them", param="prompt")
+        if class_labels is not None and not all(isinstance(c, int) for c in class_labels):
+            raise InvalidRequest("class_labels must be a list of integers", param="class_labels")
+        [request] = self._image_requests(prompt, class_labels, params, priority,
+                                         lambda: request_id or uuid.uuid4().hex)
+        result = ImageGenerationOutput(request.request_id, request.prompt, request.class_labels)
+        async with contextlib.aclosing(self.client.generate(request)) as stream:
+            async for out, frames in stream:
+                if out.finish_reason is not None:
+                    result.images = pil_images(output_pixels(out, frames))
+                    result.num_steps, result.finished = out.num_steps, True
+        return result
+
     async def abort(self, request_id: str) -> None:
         if self.client is not None:
             await self.client.abort(self._children.get(request_id, [request_id]))
@@ -234,6 +329,7 @@ class AsyncLLM(_Base):
                    sampling_params: SamplingParams | None = None,
                    request_id: str | None = None, **chat_template_kwargs: Any
                    ) -> AsyncIterator[RequestOutput]:
+        self._require(ModelKind.AR, "chat")
         async for out in self.generate(self._chat_prompts(messages, chat_template_kwargs)[0],
                                        sampling_params, request_id):
             yield out

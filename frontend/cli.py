@@ -1,8 +1,11 @@
 """The `zomni` command: start all processes, or any one of them on its own.
 
-    zomni serve    [--model PATH] [engine flags] [frontend flags]   engine core + workers + HTTP
+    zomni serve    [--model PATH ...] [engine flags] [frontend flags]   engines + workers + HTTP
     zomni engine   [--model PATH] --listen tcp://127.0.0.1:5555 [engine flags]
-    zomni frontend --engine tcp://127.0.0.1:5555 [frontend flags]
+    zomni frontend --engine tcp://127.0.0.1:5555 [--engine ADDRESS ...] [frontend flags]
+
+`serve` starts one engine per `--model` (an LLM and an image model side by side, say) and one
+frontend that routes each request by its `model`; LLM-only flags then apply to the LLMs only.
 
 Engine flags are generated from `EngineConfig`'s fields (`max_num_seqs` → `--max-num-seqs`), so
 a new field gets its flag for free. Flags left out fall back to `ZOMNI_<FIELD>` environment
@@ -21,7 +24,10 @@ import typing
 
 import msgspec
 
-from zomni.proto import EngineConfig, ZomniError
+from zomni._process import new_ipc_address
+from zomni.proto import EngineConfig, InvalidRequest, ModelKind, ZomniError
+from zomni.proto.config import LLM_ONLY_FIELDS
+from zomni.proto.model_info import model_kind
 
 from . import server
 from .launch import EngineProcess, make_config
@@ -36,7 +42,7 @@ _ENGINE_HELP = {
     "block_size": "tokens per KV-cache block (default: 64 on a CPU, 16 on a GPU)",
     "kv_cache_memory_gb": "KV-cache memory per worker, in GiB",
     "num_kv_blocks": "KV-cache blocks per worker (overrides --kv-cache-memory-gb)",
-    "max_num_seqs": "most requests running at once",
+    "max_num_seqs": "most requests running at once (image models: most images in one batch)",
     "max_num_batched_tokens": "token budget of one engine step (default: 192 on a CPU, "
                               "2048 on a GPU; 1024 / 8192 with --no-online)",
     "max_waiting_requests": "bound of the engine's waiting queue; beyond it: HTTP 429",
@@ -59,8 +65,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser, listen_default: str | Non
     group = parser.add_argument_group("engine")
     group.add_argument("model_tag", nargs="?", metavar="MODEL",
                        help="model directory (same as --model)")
-    group.add_argument("--model", help="HF-format model directory (default: the bundled "
-                       "demo model)")
+    group.add_argument("--model", action="append", help="HF-format model directory or "
+                       "diffusers pipeline folder (default: the bundled demo model); `serve` "
+                       "takes it more than once, one engine each")
     group.add_argument("--listen", help="the engine's client address (ipc:// or tcp://); "
                        f"default {listen_default or 'a private ipc:// path'}")
     parser.set_defaults(default_listen=listen_default)
@@ -86,11 +93,13 @@ def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--port", type=int, help="port to listen on (default 8000)")
     group.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* "
                        "(or set ZOMNI_API_KEY)")
-    group.add_argument("--served-model-name", help="the model's name in the API (default: "
-                       "its path)")
-    group.add_argument("--tokenizer", help="tokenizer directory (default: the engine's model)")
+    group.add_argument("--served-model-name", action="append", help="the model's name in the "
+                       "API (default: its path); once per engine, in the same order")
+    group.add_argument("--tokenizer", action="append", help="an LLM's tokenizer directory "
+                       "(default: the engine's model); per engine, in the same order")
     group.add_argument("--max-inflight-requests", type=int,
-                       help="engine requests in flight per frontend; beyond: 429 (default 1024)")
+                       help="requests in flight per engine of this frontend; beyond: 429 "
+                       "(default 1024)")
     group.add_argument("--engine-ready-timeout", type=float,
                        help="seconds to wait for the engine to be ready (default 600)")
     group.add_argument("--access-log", action="store_true", default=None,
@@ -98,7 +107,8 @@ def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zomni", description="Serve LLMs over HTTP.")
+    parser = argparse.ArgumentParser(prog="zomni", description="Serve LLMs and image models "
+                                     "over HTTP.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="engine core, workers and an HTTP frontend")
     _add_engine_flags(serve, listen_default=None)
@@ -106,26 +116,56 @@ def build_parser() -> argparse.ArgumentParser:
     engine = sub.add_parser("engine", help="engine core and workers only")
     _add_engine_flags(engine, listen_default=server.DEFAULT_ENGINE_ADDRESS)
     frontend = sub.add_parser("frontend", help="an HTTP frontend for a running engine")
-    frontend.add_argument("--engine", help="the engine's address (default "
-                          f"{server.DEFAULT_ENGINE_ADDRESS})")
+    frontend.add_argument("--engine", action="append", help="an engine's address (default "
+                          f"{server.DEFAULT_ENGINE_ADDRESS}); repeat it to serve several "
+                          "engines' models from one frontend (ZOMNI_ENGINE: comma-separated)")
     _add_frontend_flags(frontend)
     return parser
 
 
-def _engine_config(args: argparse.Namespace) -> EngineConfig:
+def _models(args: argparse.Namespace) -> list[str | None]:
+    models = [*([args.model_tag] if args.model_tag else []), *(args.model or [])]
+    return models or [None]  # None: ZOMNI_MODEL, else the demo model
+
+
+def _engine_configs(args: argparse.Namespace) -> list[EngineConfig]:
+    """One engine config per model. With several models, LLM-only flags go to the LLMs (an
+    image model refuses them); given to image models only, they are refused as usual."""
     overrides = {f: getattr(args, f) for f in EngineConfig.__struct_fields__
                  if f not in ("model", "listen")}
-    cfg = make_config(args.model or args.model_tag, online_default=True, listen=args.listen,
-                      **overrides)
-    if not cfg.listen and args.default_listen:  # neither --listen nor ZOMNI_LISTEN
-        cfg.listen = args.default_listen
-    return cfg
+    models = _models(args)
+    if len(models) > 1 and (args.listen or os.environ.get("ZOMNI_LISTEN")):
+        raise InvalidRequest("--listen (ZOMNI_LISTEN) names one engine's address; leave it "
+                             "out to serve several models", param="listen")
+    kinds = [model_kind(m) if m else ModelKind.AR for m in models]
+    image_overrides = overrides
+    if len(models) > 1 and ModelKind.AR in kinds:
+        image_overrides = {f: v for f, v in overrides.items() if f not in LLM_ONLY_FIELDS}
+    configs = []
+    for model, kind in zip(models, kinds):
+        cfg = make_config(model, online_default=True, listen=args.listen,
+                          **(overrides if kind == ModelKind.AR else image_overrides))
+        if not cfg.listen and args.default_listen:  # neither --listen nor ZOMNI_LISTEN
+            cfg.listen = args.default_listen
+        configs.append(cfg)
+    return configs
 
 
-def _frontend_config(args: argparse.Namespace, engine: str) -> server.FrontendConfig:
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The config of the one engine `zomni engine` starts."""
+    configs = _engine_configs(args)
+    if len(configs) > 1:
+        raise InvalidRequest("`zomni engine` serves one model; start one engine per model, or "
+                             "use `zomni serve` with several --model", param="model")
+    return configs[0]
+
+
+def _frontend_config(args: argparse.Namespace,
+                     engines: list[str] | None) -> server.FrontendConfig:
     names = ("host", "port", "api_key", "served_model_name", "tokenizer",
              "max_inflight_requests", "engine_ready_timeout", "access_log")
-    return server.FrontendConfig.from_env(engine=engine, **{n: getattr(args, n) for n in names})
+    return server.FrontendConfig.from_env(engine=engines,
+                                          **{n: getattr(args, n) for n in names})
 
 
 def _log_config(what: str, cfg: msgspec.Struct) -> None:
@@ -136,22 +176,26 @@ def _log_config(what: str, cfg: msgspec.Struct) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    engine_cfg = _engine_config(args)
-    frontend_cfg = _frontend_config(args, engine="")  # validated before anything starts
-    process = EngineProcess(engine_cfg)
+    configs = _engine_configs(args)
+    for cfg in configs:  # addresses first: the frontend config is checked before any start
+        cfg.listen = cfg.listen or new_ipc_address("engine")
+    frontend_cfg = _frontend_config(args, [cfg.listen for cfg in configs])
+    processes: list[EngineProcess] = []
     try:
-        # the tokenizer is known now: the frontend loads it while the engine starts
-        frontend_cfg = msgspec.structs.replace(
-            frontend_cfg, engine=process.address,
-            tokenizer=frontend_cfg.tokenizer or engine_cfg.model)
+        for cfg in configs:
+            processes.append(EngineProcess(cfg))
         _log_config("frontend", frontend_cfg)
-        return server.run(frontend_cfg, process)
+        return server.run(frontend_cfg, processes)
     finally:
-        process.shutdown()
+        for process in processes:  # all stop at once, then each is waited for
+            if process.alive():
+                process.proc.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.shutdown()
 
 
 def _frontend(args: argparse.Namespace) -> int:
-    cfg = _frontend_config(args, engine=args.engine)
+    cfg = _frontend_config(args, engines=args.engine)
     _log_config("frontend", cfg)
     return server.run(cfg)
 

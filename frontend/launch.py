@@ -52,6 +52,7 @@ class EngineProcess:
         if not config.listen:
             config.listen = new_ipc_address("engine")
         self.address = config.listen
+        self.config = config
         self.proc = subprocess.Popen([sys.executable, "-m", "zomni.core.engine",
                                       to_json(config)])
 

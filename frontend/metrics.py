@@ -1,8 +1,12 @@
 """Prometheus metrics of one frontend, on a registry of its own (several apps per process work).
 
-Names follow vLLM's (`vllm:` becomes `zomni:`) so existing dashboards need one substitution.
-Latencies are measured here, per sequence, from the moment the request was accepted; the
-queue and KV gauges are the engine's, refreshed from its `Stats` on each scrape.
+Names follow vLLM's (`vllm:` becomes `zomni:`) so existing dashboards need one substitution;
+every series has a `model_name` label, one value per model the frontend serves. Latencies are
+measured here, from the moment the request was accepted; the queue, KV, step-time and
+images/s gauges are the engines', refreshed from their `Stats` on each scrape.
+
+    Metrics (one registry, the metric families) ──model(name, kind)──► ModelMetrics
+    (the children of one model_name: what a serving object and its timers update)
 """
 
 from __future__ import annotations
@@ -13,22 +17,26 @@ from typing import Any
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from zomni.proto import ModelKind, Stats
+from zomni.proto import ImageStats, ModelKind, Stats, TokenStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
                 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_IMAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+_FINISH_REASONS = {ModelKind.AR: ("stop", "length", "abort", "error"),
+                   ModelKind.IMAGE: ("stop", "abort", "error")}
 
 
 class Metrics:
-    def __init__(self, model_name: str):
+    """The metric families of this frontend; `model()` binds them to one model's name."""
+
+    def __init__(self):
         self.registry = CollectorRegistry()
-        labels = {"model_name": model_name}
+        labels = ["model_name"]
 
         def make(cls, name: str, doc: str, **kw):
-            return cls(f"zomni:{name}", doc, list(labels), registry=self.registry,
-                       **kw).labels(**labels)
+            return cls(f"zomni:{name}", doc, labels, registry=self.registry, **kw)
 
         self.ttft = make(Histogram, "time_to_first_token_seconds",
                          "Time from request arrival to its first token.",
@@ -44,25 +52,81 @@ class Metrics:
         self.kv_usage = make(Gauge, "kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).")
         self.inflight = make(Gauge, "frontend_requests_in_flight",
                              "Engine requests this frontend is waiting on.")
-        self._finished = Counter("zomni:request_success", "Sequences finished, by reason.",
-                                 [*labels, "finished_reason"], registry=self.registry)
-        self.finished = {reason: self._finished.labels(**labels, finished_reason=reason)
-                         for reason in ("stop", "length", "abort", "error")}
+        self.step_time = make(Gauge, "engine_step_time_seconds",
+                              "Mean time of one engine step while busy, last 10 s.")
+        self.image_latency = make(Histogram, "image_request_latency_seconds",
+                                  "Time from image request arrival to its images.",
+                                  buckets=_IMAGE_BUCKETS)
+        self.images = make(Counter, "images_generated", "Images generated.")
+        self.images_per_s = make(Gauge, "images_per_second",
+                                 "Images the engine finished per second, last 10 s.")
+        self.finished = Counter("zomni:request_success", "Requests finished, by reason.",
+                                [*labels, "finished_reason"], registry=self.registry)
+        self.models: list[ModelMetrics] = []
 
-    def render(self, stats: Stats | None) -> bytes:
-        if stats is not None:
-            self.running.set(stats.scheduler.num_running)
-            self.waiting.set(stats.scheduler.num_waiting)
-            self.kv_usage.set(stats.scheduler.kv_usage)
+    def model(self, name: str, kind: ModelKind) -> ModelMetrics:
+        self.models.append(ModelMetrics(self, name, kind))
+        return self.models[-1]
+
+    def render(self, stats: dict[str, Stats | None] | None = None) -> bytes:
+        """The exposition text; `stats` (model name -> its engine's stats, None when it did not
+        answer) refreshes the engine gauges first."""
+        for model in self.models:
+            if stats and stats.get(model.name) is not None:
+                model.update(stats[model.name])
         return generate_latest(self.registry)
 
 
+class ModelMetrics:
+    """The series of one served model; LLM-only and image-only series exist for their kind."""
+
+    def __init__(self, metrics: Metrics, name: str, kind: ModelKind):
+        self.name = name
+        self.kind = kind
+        bind = {"model_name": name}
+        self.running = metrics.running.labels(**bind)
+        self.waiting = metrics.waiting.labels(**bind)
+        self.inflight = metrics.inflight.labels(**bind)
+        self.step_time = metrics.step_time.labels(**bind)
+        self.finished = {reason: metrics.finished.labels(**bind, finished_reason=reason)
+                         for reason in _FINISH_REASONS[kind]}
+        if kind == ModelKind.AR:
+            self.ttft = metrics.ttft.labels(**bind)
+            self.itl = metrics.itl.labels(**bind)
+            self.e2e = metrics.e2e.labels(**bind)
+            self.prompt_tokens = metrics.prompt_tokens.labels(**bind)
+            self.generation_tokens = metrics.generation_tokens.labels(**bind)
+            self.kv_usage = metrics.kv_usage.labels(**bind)
+        else:
+            self.image_latency = metrics.image_latency.labels(**bind)
+            self.images = metrics.images.labels(**bind)
+            self.images_per_s = metrics.images_per_s.labels(**bind)
+
+    def update(self, stats: Stats) -> None:
+        sched = stats.scheduler
+        self.running.set(sched.num_running)
+        self.waiting.set(sched.num_waiting)
+        self.step_time.set(stats.step_time_s)
+        if isinstance(sched, TokenStats) and self.kind == ModelKind.AR:
+            self.kv_usage.set(sched.kv_usage)
+        elif isinstance(sched, ImageStats) and self.kind == ModelKind.IMAGE:
+            self.images_per_s.set(sched.images_per_s)
+
+    def image_request_done(self, arrival: float, num_images: int,
+                           finish_reason: str | None) -> None:
+        """Count one image request once: finished (with its images), aborted or failed."""
+        self.finished["abort" if finish_reason is None else finish_reason].inc()
+        if num_images:
+            self.images.inc(num_images)
+            self.image_latency.observe(time.monotonic() - arrival)
+
+
 class SequenceTimer:
-    """Latencies of one generated sequence, fed to `Metrics` as its outputs arrive."""
+    """Latencies of one generated sequence, fed to `ModelMetrics` as its outputs arrive."""
 
     __slots__ = ("metrics", "arrival", "last", "num_tokens")
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: ModelMetrics):
         self.metrics = metrics
         self.arrival = self.last = time.monotonic()
         self.num_tokens = 0
@@ -91,7 +155,8 @@ class SequenceTimer:
 
 
 def flat_stats(stats: Stats) -> dict[str, Any]:
-    """/stats's JSON: the scheduler's figures (per model kind) beside the engine loop's."""
+    """/stats's JSON for one engine: the scheduler's figures (per model kind) beside the
+    engine loop's."""
     return {"kind": str(ModelKind(type(stats.scheduler).__struct_config__.tag)),
             **msgspec.structs.asdict(stats.scheduler),
             "num_steps_total": stats.num_steps_total, "step_time_s": stats.step_time_s}

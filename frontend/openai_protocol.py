@@ -222,9 +222,14 @@ def chat_logprobs(entries: list[dict[int, Logprob]], token_ids: list[int],
     return {"content": content}
 
 
-def model_card(name: str, root: str, max_model_len: int, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "zomni",
+def model_card(name: str, root: str, max_model_len: int | None, created: int
+               ) -> dict[str, Any]:
+    """/v1/models's entry; image models have no `max_model_len`."""
+    card = {"id": name, "object": "model", "created": created, "owned_by": "zomni",
             "root": root, "parent": None, "max_model_len": max_model_len, "permission": []}
+    if max_model_len is None:
+        del card["max_model_len"]
+    return card
 
 
 def error_body(message: str, type_: str, status: int, param: str | None = None

@@ -1,16 +1,13 @@
-"""The HTTP frontend: an aiohttp app (on uvloop) speaking OpenAI's API to one engine core.
+"""The HTTP frontend: an aiohttp app (on uvloop) speaking OpenAI's API to one or more engines.
 
     HTTP ─► middleware (X-Request-ID, API key, errors as OpenAI JSON) ─► handler
-            ─► OpenAIServing (serving.py) ─► AsyncEngineClient ─DEALER─► engine core
+            ─► Engines.route(model) ─► OpenAIServing (serving.py, LLMs)
+                                       ImageServing (image_serving.py, image models)
+            ─► AsyncEngineClient ─DEALER─► that model's engine core
 
-The frontend's life follows its engine's (`EngineLink`):
-
-    starting ──READY, tokenizer loaded──► ready ──engine gone──► dead ──grace──► exit(1)
-    (/health 503)                         (200)                  (503)
-
-The engine is "gone" when it says ENGINE_DEAD, when the ZMQ connection to it drops (a killed
-process closes its sockets; the socket monitor sees it at once), or when a local engine
-process exits. SIGINT / SIGTERM stop the frontend with exit code 0.
+Each engine's life, and what the frontend does when one is gone, is in `engine_link.py`:
+/health is 200 only while every engine is ready; an engine that dies gets 503s, and the
+frontend exits with code 1 after a grace period. SIGINT / SIGTERM stop it with exit code 0.
 """
 
 from __future__ import annotations
@@ -18,197 +15,162 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import importlib
 import importlib.metadata
 import logging
+import os
 import signal
 import time
 import uuid
 
 import msgspec
-import zmq
-import zmq.asyncio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
-from zmq.utils.monitor import parse_monitor_message
 
-from zomni.proto import EngineDead, InvalidRequest, ZomniError
-from zomni.proto.client import AsyncEngineClient
+from zomni.proto import EngineDead, InvalidRequest, ModelKind, ZomniError
 from zomni.proto.config import from_env
 
 from . import openai_protocol as oai
-from .launch import EngineProcess, served_name
-from .metrics import Metrics, flat_stats
-from .serving import OpenAIServing, error_response, json_response
-from .tokenizer import apply_chat_template, load_tokenizer
+from .engine_link import Engines
+from .image_protocol import ImageGenerationRequest
+from .launch import EngineProcess
+from .metrics import flat_stats
+from .serving import error_response, json_response
+from .tokenizer import apply_chat_template
 
 logger = logging.getLogger("zomni.frontend")
 
 DEFAULT_ENGINE_ADDRESS = "tcp://127.0.0.1:5555"
-_DEATH_GRACE_S = 2.0  # time to answer in-flight requests with 503 before exiting
 _STATS_TIMEOUT_S = 10.0
+# list fields: repeatable flags; their ZOMNI_* variables hold comma-separated lists
+_LIST_FIELDS = ("engine", "served_model_name", "tokenizer")
 
 
 class FrontendConfig(msgspec.Struct, kw_only=True):
-    """One HTTP frontend; filled from CLI flags and `ZOMNI_*` variables, printed at start."""
+    """One HTTP frontend; filled from CLI flags and `ZOMNI_*` variables, printed at start.
 
-    engine: str = DEFAULT_ENGINE_ADDRESS  # the engine core's client address (ipc:// or tcp://)
+    `engine` lists the engine cores' client addresses (ipc:// or tcp://), one model each;
+    `served_model_name` and `tokenizer`, when given, are per engine in the same order.
+    """
+
+    engine: list[str] = msgspec.field(default_factory=lambda: [DEFAULT_ENGINE_ADDRESS])
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
-    served_model_name: str | None = None  # the model's name in the API; its path if unset
-    tokenizer: str | None = None  # where to load the tokenizer; READY's model path if unset
-    max_inflight_requests: int = 1024  # engine requests in flight; beyond: 429
-    engine_ready_timeout: float = 600.0  # seconds to wait for the engine's READY
+    served_model_name: list[str] | None = None  # each model's API name; its path if unset
+    tokenizer: list[str] | None = None  # an LLM's tokenizer; READY's model path if unset / ""
+    max_inflight_requests: int = 1024  # engine requests in flight per engine; beyond: 429
+    engine_ready_timeout: float = 600.0  # seconds to wait for the engines' READY
     access_log: bool = False
 
     def __post_init__(self) -> None:
+        for name in _LIST_FIELDS:  # FrontendConfig(engine="tcp://...") still works
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, _split(getattr(self, name)))
+        if not self.engine:
+            raise ValueError("give at least one engine address")
+        if len(set(self.engine)) != len(self.engine):
+            raise ValueError(f"an engine address is given twice: {self.engine}")
+        names = self.served_model_name
+        if names is not None and len(names) != len(self.engine):
+            raise ValueError(f"give one served model name per engine: {len(self.engine)} "
+                             f"engines, {len(names)} names")
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError(f"served model names must differ: {names}")
+        if self.tokenizer is not None and len(self.tokenizer) > len(self.engine):
+            raise ValueError(f"more tokenizers ({len(self.tokenizer)}) than engines "
+                             f"({len(self.engine)})")
         if self.max_inflight_requests < 1:
             raise ValueError("max_inflight_requests must be at least 1")
 
+    def per_engine(self, name: str) -> list[str | None]:
+        """A list field's entry for each engine (None where not given)."""
+        values = getattr(self, name) or []
+        return [v or None for v in values] + [None] * (len(self.engine) - len(values))
+
     @classmethod
     def from_env(cls, **overrides) -> FrontendConfig:
-        return from_env(cls, **overrides)
+        lists = {name: _split(os.environ[f"ZOMNI_{name.upper()}"]) for name in _LIST_FIELDS
+                 if f"ZOMNI_{name.upper()}" in os.environ}
+        return from_env(cls, **{**lists, **{k: v for k, v in overrides.items()
+                                            if v is not None}})
 
 
-class EngineLink:
-    """This frontend's connection to its engine core and what it knows of the engine."""
-
-    def __init__(self, config: FrontendConfig, process: EngineProcess | None = None):
-        self.config = config
-        self.process = process
-        self.lost = False
-        self.client = AsyncEngineClient(config.engine, alive=self._alive)
-        self.serving: OpenAIServing | None = None
-        self.dead_reason: str | None = None
-        self.signalled = False
-        self.stop = asyncio.Event()  # set on SIGINT / SIGTERM, or a grace period after death
-
-    def _alive(self) -> bool:
-        # The client's reader calls this after a second without messages: returning False
-        # fails every open stream with EngineDead.
-        return not self.lost and (self.process is None or self.process.alive())
-
-    def ready_serving(self) -> OpenAIServing:
-        """The serving object, or a 503 while the engine is not ready or is dead."""
-        if self.dead_reason is not None:
-            raise EngineDead(f"the engine is dead: {self.dead_reason}")
-        if self.serving is None:
-            raise EngineDead("the engine is not ready yet")
-        return self.serving
-
-    async def run(self) -> None:
-        """Connect and load the tokenizer, then watch the engine until it is gone."""
-        # Loading a tokenizer takes seconds (importing transformers most of it): do it while
-        # the engine loads its model, from the engine's model path once READY gives it.
-        early = self.config.tokenizer
-        loading = asyncio.create_task(asyncio.to_thread(
-            load_tokenizer if early else importlib.import_module, early or "transformers"))
-        try:
-            ready = await self.client.connect(self.config.engine_ready_timeout,
-                                              client_name="http-frontend")
-            info = ready.model
-            tokenizer = await loading
-            if not early:
-                tokenizer = await asyncio.to_thread(load_tokenizer, info.model)
-        except Exception as e:  # noqa: BLE001 - any failure here means we cannot serve
-            self._die(f"could not connect: {e}")
-            return
-        name = self.config.served_model_name or served_name(info.model)
-        self.serving = OpenAIServing(self.client, tokenizer, info, [name], Metrics(name),
-                                     self.config.max_inflight_requests)
-        logger.info("engine ready: %s (%s, max_model_len %d, %d KV blocks); serving it as %r",
-                    info.model, info.architecture, info.details.max_model_len,
-                    ready.runner.num_kv_blocks, name)
-        self._die(await self._watch())
-
-    async def _watch(self) -> str:
-        """Wait until the engine is gone; returns why."""
-        monitor = zmq.asyncio.Socket.from_socket(
-            self.client.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED))
-        try:
-            while self.client.dead is None:
-                if not self._alive():
-                    return "the engine process exited"
-                if await monitor.poll(500):
-                    event = parse_monitor_message(await monitor.recv_multipart())
-                    if event["event"] == zmq.EVENT_DISCONNECTED:
-                        return "the connection to the engine dropped"
-            return self.client.dead.message
-        finally:
-            self.client.socket.disable_monitor()
-            monitor.close(linger=0)
-
-    def _die(self, reason: str) -> None:
-        if self.dead_reason is not None:
-            return
-        self.lost = True
-        self.dead_reason = reason
-        logger.error("engine is gone (%s): answering 503, exiting in %.0f s", reason,
-                     _DEATH_GRACE_S)
-        asyncio.get_running_loop().call_later(_DEATH_GRACE_S, self.stop.set)
-
-    def on_signal(self) -> None:
-        logger.info("stopping on a signal")
-        self.signalled = True
-        self.stop.set()
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 # ---- handlers ---------------------------------------------------------------------------------
 
-_LINK = web.AppKey("link", EngineLink)
+_ENGINES = web.AppKey("engines", Engines)
 
 
-def _serving(request: web.Request) -> OpenAIServing:
-    return request.app[_LINK].ready_serving()
+def _engines(request: web.Request) -> Engines:
+    return request.app[_ENGINES]
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    serving = _serving(request)
     body = oai.decode_body(await request.read(), oai.CompletionRequest)
+    serving = _engines(request).route(body.model, ModelKind.AR, "/v1/completions")
     return await serving.completions(body, request["request_id"], request)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    serving = _serving(request)
     body = oai.decode_body(await request.read(), oai.ChatCompletionRequest)
+    serving = _engines(request).route(body.model, ModelKind.AR, "/v1/chat/completions")
     return await serving.chat(body, request["request_id"], request)
 
 
+async def image_generations(request: web.Request) -> web.Response:
+    body = oai.decode_body(await request.read(), ImageGenerationRequest)
+    serving = _engines(request).route(body.model, ModelKind.IMAGE, "/v1/images/generations")
+    return json_response(await serving.generations(body, request["request_id"]))
+
+
 async def models(request: web.Request) -> web.Response:
-    serving = _serving(request)
     created = int(time.time())
     return json_response({"object": "list", "data": [
-        oai.model_card(name, serving.info.model, serving.info.details.max_model_len, created)
-        for name in serving.model_names]})
+        oai.model_card(name, serving.info.model, getattr(serving.info.details,
+                                                         "max_model_len", None), created)
+        for serving in _engines(request).ready_servings() for name in serving.model_names]})
 
 
 async def health(request: web.Request) -> web.Response:
-    _serving(request)
+    _engines(request).ready_servings()
     return web.Response()
 
 
+async def _all_stats(request: web.Request, tolerant: bool) -> dict[str, object]:
+    """model name -> its engine's Stats (None where it failed to answer, if `tolerant`)."""
+    servings = _engines(request).ready_servings()
+    got = await asyncio.gather(*(asyncio.wait_for(s.client.get_stats(), _STATS_TIMEOUT_S)
+                                 for s in servings), return_exceptions=True)
+    for result in got:
+        if isinstance(result, BaseException) and not (
+                tolerant and isinstance(result, (asyncio.TimeoutError, ZomniError))):
+            raise result
+    return {s.model_names[0]: None if isinstance(r, BaseException) else r
+            for s, r in zip(servings, got)}
+
+
 async def stats(request: web.Request) -> web.Response:
-    serving = _serving(request)
-    engine_stats = await asyncio.wait_for(serving.client.get_stats(), _STATS_TIMEOUT_S)
-    return json_response({**flat_stats(engine_stats),
-                          "frontend_requests_in_flight": serving.inflight})
+    """The first engine's figures at the top level (what a single-model client reads), and
+    every model's under "models"."""
+    servings = {s.model_names[0]: s for s in _engines(request).ready_servings()}
+    per_model = {name: {**flat_stats(engine_stats),
+                        "frontend_requests_in_flight": servings[name].inflight}
+                 for name, engine_stats in (await _all_stats(request, False)).items()}
+    return json_response({**next(iter(per_model.values())), "models": per_model})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    serving = _serving(request)
-    try:
-        engine_stats = await asyncio.wait_for(serving.client.get_stats(), _STATS_TIMEOUT_S)
-    except (asyncio.TimeoutError, ZomniError):
-        engine_stats = None  # still serve the frontend's own metrics
-    return web.Response(body=serving.metrics.render(engine_stats),
+    engine_stats = await _all_stats(request, True)  # a silent engine: still serve ours
+    return web.Response(body=_engines(request).metrics.render(engine_stats),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def tokenize(request: web.Request) -> web.Response:
-    serving = _serving(request)
     body = oai.decode_body(await request.read(), oai.TokenizeRequest)
-    serving.check_model(body.model)
+    serving = _engines(request).route(body.model, ModelKind.AR, "/tokenize")
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequest("give exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
@@ -222,9 +184,8 @@ async def tokenize(request: web.Request) -> web.Response:
 
 
 async def detokenize(request: web.Request) -> web.Response:
-    serving = _serving(request)
     body = oai.decode_body(await request.read(), oai.DetokenizeRequest)
-    serving.check_model(body.model)
+    serving = _engines(request).route(body.model, ModelKind.AR, "/detokenize")
     return json_response({"prompt": serving.tokenizer.decode(body.tokens)})
 
 
@@ -278,14 +239,15 @@ async def _add_request_id(request: web.Request, response: web.StreamResponse) ->
     response.headers["X-Request-ID"] = request.get("request_id") or uuid.uuid4().hex
 
 
-def build_app(link: EngineLink) -> web.Application:
-    app = web.Application(middlewares=[_middleware(link.config.api_key)],
+def build_app(engines: Engines, api_key: str | None) -> web.Application:
+    app = web.Application(middlewares=[_middleware(api_key)],
                           client_max_size=64 * 1024 * 1024)
-    app[_LINK] = link
+    app[_ENGINES] = engines
     app.on_response_prepare.append(_add_request_id)
     app.add_routes([
         web.post("/v1/completions", completions),
         web.post("/v1/chat/completions", chat_completions),
+        web.post("/v1/images/generations", image_generations),
         web.get("/v1/models", models),
         web.get("/health", health),
         web.get("/stats", stats),
@@ -297,36 +259,39 @@ def build_app(link: EngineLink) -> web.Application:
     return app
 
 
-async def serve(config: FrontendConfig, process: EngineProcess | None = None) -> int:
-    """Serve HTTP until a signal (exit code 0) or the engine's death (exit code 1)."""
-    link = EngineLink(config, process)
-    runner = web.AppRunner(build_app(link), handler_cancellation=True, shutdown_timeout=1.0,
-                           access_log=logging.getLogger("aiohttp.access")
+async def serve(config: FrontendConfig,
+                processes: list[EngineProcess | None] | None = None) -> int:
+    """Serve HTTP until a signal (exit code 0) or an engine's death (exit code 1).
+    `processes[i]` is the local process of engine i, if this frontend started it."""
+    engines = Engines(config.engine, processes or [None] * len(config.engine),
+                      config.per_engine("served_model_name"), config.per_engine("tokenizer"),
+                      config.max_inflight_requests, config.engine_ready_timeout)
+    runner = web.AppRunner(build_app(engines, config.api_key), handler_cancellation=True,
+                           shutdown_timeout=1.0, access_log=logging.getLogger("aiohttp.access")
                            if config.access_log else None)
     await runner.setup()
     await web.TCPSite(runner, config.host, config.port).start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, link.on_signal)
-    watcher = asyncio.create_task(link.run())
-    logger.info("HTTP frontend on http://%s:%d, engine at %s", config.host, config.port,
-                config.engine)
+        loop.add_signal_handler(sig, engines.on_signal)
+    watcher = asyncio.create_task(engines.run())
+    logger.info("HTTP frontend on http://%s:%d, engines at %s", config.host, config.port,
+                ", ".join(config.engine))
     try:
-        await link.stop.wait()
+        await engines.stop.wait()
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await watcher  # it closes its socket monitor before the client closes
+            await watcher  # the links close their socket monitors before the clients close
         await runner.cleanup()
-        link.client.close()
-    return 1 if link.dead_reason is not None and not link.signalled else 0
+        engines.close()
+    return 1 if engines.dead and not engines.signalled else 0
 
 
-def run(config: FrontendConfig, process: EngineProcess | None = None) -> int:
+def run(config: FrontendConfig, processes: list[EngineProcess | None] | None = None) -> int:
     """Run `serve` on uvloop when it is installed."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(config, process))
-    return uvloop.run(serve(config, process))
-
+        return asyncio.run(serve(config, processes))
+    return uvloop.run(serve(config, processes))

@@ -35,7 +35,7 @@ from zomni.proto import (
 from zomni.proto.client import AsyncEngineClient
 
 from . import openai_protocol as oai
-from .metrics import Metrics, SequenceTimer
+from .metrics import ModelMetrics, SequenceTimer
 from .outputs import RequestState, child_requests
 from .tokenizer import apply_chat_template, encode_prompt
 
@@ -73,7 +73,7 @@ class OpenAIServing:
     """The completions and chat endpoints over one engine client."""
 
     def __init__(self, client: AsyncEngineClient, tokenizer, info: ModelInfo,
-                 model_names: list[str], metrics: Metrics, max_inflight: int):
+                 model_names: list[str], metrics: ModelMetrics, max_inflight: int):
         self.client = client
         self.tokenizer = tokenizer
         self.info = info

@@ -1,13 +1,16 @@
 """zomni: serve LLMs and diffusion models from cooperating processes over ZeroMQ."""
 
-from zomni.proto import SamplingParams
+from zomni.proto import ImageParams, SamplingParams
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "ImageParams", "RequestOutput",
+           "CompletionOutput", "ImageGenerationOutput"]
+
+_API = ("LLM", "AsyncLLM", "RequestOutput", "CompletionOutput", "ImageGenerationOutput")
 
 
 def __getattr__(name: str):
     # The Python API lives in the frontend; import it on first use to keep `import zomni` light.
-    if name in ("LLM", "AsyncLLM", "RequestOutput", "CompletionOutput"):
+    if name in _API:
         from zomni.frontend import api
 
         return getattr(api, name)
