@@ -92,6 +92,9 @@ class DenoiseScheduler:
     def __init__(self, config: EngineConfig, model: ImageModelInfo, runner: ImageRunnerInfo):
         self.config = config
         self.model = model
+        # A step takes ~0.1-1 s, the engine's own work ~1 ms: planning one step ahead gains
+        # nothing, and a request arriving mid-step would wait a whole extra step to join.
+        self.max_plans_in_flight = 2 if config.async_scheduling else 1
         self.max_batch_images = runner.max_num_seqs
         self.requests: dict[str, DenoiseRequest] = {}  # every unfinished request
         self.waiting = RequestQueue()
@@ -187,7 +190,7 @@ class DenoiseScheduler:
 
     def error_output(self, request_id: str, error: ZomniError) -> ImageOutput:
         return ImageOutput(request_id, FinishReason.ERROR, error=error.message,
-                           error_kind=type(error).__name__)
+                           error_kind=type(error).__name__, error_param=error.param or "")
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)

@@ -102,7 +102,7 @@ class EngineCore:
         self.scheduler = make_scheduler(config, self.info, self.runner_info)
         # plans sent and not answered yet, with the time each was sent
         self.in_flight: collections.deque[tuple[StepPlan, float]] = collections.deque()
-        self.max_in_flight = 2 if config.async_scheduling else 1
+        self.max_in_flight = self.scheduler.max_plans_in_flight
         self.num_steps_total = 0
         self._step_times: collections.deque[tuple[float, float]] = collections.deque()
         self._last_result = 0.0
@@ -110,7 +110,7 @@ class EngineCore:
                     "(weights per rank: %s MiB), listening on %s%s",
                     time.monotonic() - start, self.info.architecture, self.info.kind,
                     self.info.dtype, self.info.details, self.runner_info,
-                    "async" if config.async_scheduling else "sync", config.tensor_parallel_size,
+                    "async" if self.max_in_flight > 1 else "sync", config.tensor_parallel_size,
                     ", ".join(f"{b / 2**20:.1f}" for b in self.executor.weight_bytes),
                     config.listen, " (CURVE)" if config.curve_keys_dir else "")
 

@@ -144,7 +144,7 @@ class Executor:
             return None
         try:
             msg_type, msg, extra = decode(frames)
-        except (InvalidRequest, RecursionError) as e:
+        except InvalidRequest as e:
             raise EngineDead(f"worker rank {rank} sent an undecodable message: {e}") from None
         if msg_type == MsgType.WORKER_ERROR:
             self.errors[rank] = msg.error

@@ -30,6 +30,10 @@ Outputs = dict[bytes, list[Output]]  # per client identity, in the order they we
 
 
 class SchedulerInterface(Protocol):
+    # Plans the engine may have sent and not yet seen answered: 2 plans the next step while
+    # the workers run this one (async scheduling), 1 waits for each result.
+    max_plans_in_flight: int
+
     def add_request(self, request: Request, client_id: bytes) -> None:
         """Validate and queue a request from client `client_id`. Raises a `ZomniError`
         (InvalidRequest, ContextLengthExceeded, EngineOverloaded) to refuse it."""

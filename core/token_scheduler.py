@@ -97,6 +97,8 @@ class TokenScheduler:
                            kv_capacity, max_model_len, kv_capacity)
         self.config = config
         self.model = model
+        # ~2 ms of engine work a step hides behind the workers' next step (5-15% of a decode)
+        self.max_plans_in_flight = 1 if config.async_scheduling is False else 2
         self.block_size = block_size
         self.max_num_batched_tokens = runner.max_num_batched_tokens  # as the workers resolved
         self.max_model_len = max_model_len
@@ -161,7 +163,8 @@ class TokenScheduler:
 
     def error_output(self, request_id: str, error: ZomniError) -> EngineOutput:
         return EngineOutput(request_id, [], finish_reason=FinishReason.ERROR,
-                            error=error.message, error_kind=type(error).__name__)
+                            error=error.message, error_kind=type(error).__name__,
+                            error_param=error.param or "")
 
     def abort_requests(self, request_ids: Sequence[str]) -> Outputs:
         """Finish the given requests as aborted; the final outputs of those that existed and

@@ -36,7 +36,6 @@ from zomni.proto.model_info import model_kind
 
 from .images import (
     ImageGenerationOutput,
-    check_image_request,
     image_requests,
     output_pixels,
     pil_images,
@@ -76,12 +75,9 @@ class _Base:
 
     def _image_requests(self, prompts, class_labels, params, priority,
                         new_id) -> list[ImageRequest]:
-        """Requests checked against the model before any is sent (a 400's parameter named)."""
+        """Requests as the engine takes them; it checks them against the model."""
         self._require(ModelKind.IMAGE, "generate_images")
-        requests = image_requests(prompts, class_labels, params, priority, new_id)
-        for request in requests:
-            check_image_request(request, self.model_info.details, self.ready.runner.max_num_seqs)
-        return requests
+        return image_requests(prompts, class_labels, params, priority, new_id)
 
     def _states(self, children: list[EngineRequest]) -> list[RequestState]:
         eos = self.model_info.details.eos_token_ids

@@ -47,7 +47,8 @@ _ENGINE_HELP = {
                               "2048 on a GPU; 1024 / 8192 with --no-online)",
     "max_waiting_requests": "bound of the engine's waiting queue; beyond it: HTTP 429",
     "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",
-    "async_scheduling": "plan the next step while the workers run this one",
+    "async_scheduling": "plan the next step while the workers run this one (default: on for "
+                        "LLMs, off for image models)",
     "online": "pick defaults for requests arriving over time (on for serve and engine)",
     "seed": "engine-wide sampling seed",
     "num_threads": "torch threads per worker (default: all cores)",

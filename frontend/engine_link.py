@@ -117,7 +117,7 @@ class EngineLink:
             if self.tokenizer_path:
                 logger.warning("engine at %s serves an image model: --tokenizer %s is unused",
                                self.address, self.tokenizer_path)
-            self.serving = ImageServing(self.client, info, ready.runner.max_num_seqs, [name],
+            self.serving = ImageServing(self.client, info, [name],
                                         metrics, self.max_inflight)
             logger.info("engine ready: %s (%s, %s-conditioned, default size %dx%d); serving "
                         "it as %r", info.model, info.architecture, info.details.conditioning,

@@ -88,7 +88,7 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True):
 
     def image_request(self, request_id: str, arrival_time: float) -> ImageRequest:
         """The engine request; `ImageParams` checks n, steps, guidance and seed (naming them).
-        What depends on the model is checked by `images.check_image_request`."""
+        What depends on the model is checked by the engine."""
         self.check_openai_fields()
         width, height = self.size_in_pixels()
         params = ImageParams(n=self.n, height=height, width=width,

@@ -1,8 +1,8 @@
 """`POST /v1/images/generations` over one image engine.
 
     body ─► ImageGenerationRequest.image_request (OpenAI fields, ImageParams' checks)
-         ─► check_image_request (this model's sizes, conditioning, batch bound)
-         ─► AsyncEngineClient.generate: one ImageOutput, its pixels in a raw frame
+         ─► AsyncEngineClient.generate (the engine checks sizes, conditioning and its batch
+             bound; a refusal names the parameter): one ImageOutput, its pixels in a raw frame
          ─► PNG + base64 on a thread (never on the event loop) ─► {created, data: [...]}
 
 The engine stream is closed on every way out (`aclosing`): a client that disconnects cancels
@@ -27,18 +27,17 @@ from zomni.proto import (
 from zomni.proto.client import AsyncEngineClient
 
 from .image_protocol import ImageGenerationRequest
-from .images import check_image_request, output_pixels, png_base64
+from .images import output_pixels, png_base64
 from .metrics import ModelMetrics
 
 
 class ImageServing:
     """The images endpoint over one engine client."""
 
-    def __init__(self, client: AsyncEngineClient, info: ModelInfo, max_images: int,
+    def __init__(self, client: AsyncEngineClient, info: ModelInfo,
                  model_names: list[str], metrics: ModelMetrics, max_inflight: int):
         self.client = client
         self.info = info
-        self.max_images = max_images  # the engine's batch bound (ImageRunnerInfo)
         self.model_names = model_names
         self.metrics = metrics
         self.max_inflight = max_inflight
@@ -49,7 +48,6 @@ class ImageServing:
         """The response body; typed errors (400 naming the field, 429, 503) are raised."""
         created = int(time.time())
         request = body.image_request(f"img-{request_id}-{uuid.uuid4().hex[:8]}", time.time())
-        check_image_request(request, self.info.details, self.max_images)
         if self.inflight >= self.max_inflight:
             raise EngineOverloaded(f"this frontend already has {self.inflight} requests in "
                                    f"flight for this model (--max-inflight-requests "

@@ -1,14 +1,13 @@
-"""Image requests on the client side: building them, checking them against the model, and
-turning the engine's pixels into what users get (PIL images, PNG bytes).
+"""Image requests on the client side: building them, and turning the engine's pixels into
+what users get (PIL images, PNG bytes).
 
-    prompt / class_labels + ImageParams ─► check_image_request (the model's size, step and
-    conditioning rules; a 400 naming the parameter) ─► ImageRequest ─► engine core
+    prompt / class_labels + ImageParams ─► ImageRequest ─► engine core
     ImageOutput.pixels (uint8 [num_images, H, W, 3] in a raw frame) ─► PIL images / PNG
 
-`check_image_request` mirrors the engine's own checks (`core/denoise_scheduler.py`,
-`DenoiseScheduler._resolve`), which stay the authority: the engine refuses the same requests
-from any client, but its errors reach a client without the parameter's name, which OpenAI's
-error JSON and users need. Pillow is imported on first use, to keep this module light.
+What depends on the model (sizes, conditioning, the batch bound) is checked by the engine
+(`DenoiseScheduler._resolve`), for every client alike; its refusal comes back as an error
+output naming the parameter, which becomes OpenAI's error JSON here. Pillow is imported on
+first use, to keep this module light.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import numpy as np
 
 from zomni.proto import (
     FinishReason,
-    ImageModelInfo,
     ImageOutput,
     ImageParams,
     ImageRequest,
@@ -49,59 +47,6 @@ class ImageGenerationOutput:
     images: list[Image.Image] = field(default_factory=list)
     num_steps: int = 0  # denoising steps the engine ran
     finished: bool = False
-
-
-def check_image_request(request: ImageRequest, model: ImageModelInfo, max_images: int) -> None:
-    """Raise `InvalidRequest` (naming the parameter) for a request the engine would refuse.
-
-    `max_images` is the engine's batch bound (`ImageRunnerInfo.max_num_seqs`); size errors
-    name `size`, as the HTTP API takes one "WxH" parameter.
-    """
-    p = request.params
-    if model.conditioning == "class":
-        if request.prompt is not None:
-            _refuse("this model is class-conditional: give class_labels, not a prompt", "prompt")
-        if p.negative_prompt is not None:
-            _refuse("this model is class-conditional: it takes no negative_prompt",
-                    "negative_prompt")
-        if not request.class_labels:
-            _refuse("class_labels is required for a class-conditional model", "class_labels")
-        if not all(0 <= c < model.num_classes for c in request.class_labels):
-            _refuse(f"class_labels must be in [0, {model.num_classes})", "class_labels")
-        num_images = p.n * len(request.class_labels)
-    else:
-        if request.class_labels is not None:
-            _refuse("this model is text-conditioned: give a prompt, not class_labels",
-                    "class_labels")
-        if request.prompt is None:
-            _refuse("prompt is required", "prompt")
-        num_images = p.n
-    _check_size(p.width or model.default_width, p.height or model.default_height, model)
-    guidance = model.default_guidance_scale if p.guidance_scale is None else p.guidance_scale
-    if p.negative_prompt is not None and guidance <= 1.0:
-        _refuse("negative_prompt needs classifier-free guidance (guidance_scale > 1, got "
-                f"{guidance})", "negative_prompt")
-    if num_images > max_images:
-        _refuse(f"the request asks for {num_images} images; this engine batches at most "
-                f"{max_images} (its max_num_seqs)", "n")
-
-
-def _check_size(width: int, height: int, model: ImageModelInfo) -> None:
-    if model.fixed_size:
-        if (width, height) != (model.default_width, model.default_height):
-            _refuse(f"this model generates {model.default_width}x{model.default_height} "
-                    f"images only, not {width}x{height}", "size")
-        return
-    m = model.size_multiple
-    for name, value, largest in (("width", width, model.max_width),
-                                 ("height", height, model.max_height)):
-        if value % m or not m <= value <= largest:
-            _refuse(f"{name} {value} must be a multiple of {m} (the VAE's scale factor x the "
-                    f"patch size) in [{m}, {largest}]", "size")
-
-
-def _refuse(message: str, param: str) -> None:
-    raise InvalidRequest(message, param=param)
 
 
 def image_requests(prompts: str | Sequence[str] | None,

@@ -82,7 +82,7 @@ def _check_ready(msg_type: MsgType, msg) -> Ready:
 def output_error(out: Output) -> ZomniError | None:
     """The typed error an ERROR output carries, or None."""
     if out.finish_reason == FinishReason.ERROR:
-        return error_from_wire(out.error_kind, out.error)
+        return error_from_wire(out.error_kind, out.error, out.error_param)
     return None
 
 

@@ -61,3 +61,5 @@ def decode(frames: Sequence) -> tuple[MsgType, Any, list]:
         raise InvalidRequest(f"invalid {msg_type.name} message: {e}") from None
     except msgspec.DecodeError as e:
         raise InvalidRequest(f"undecodable {msg_type.name} message: {e}") from None
+    except RecursionError:  # msgspec recurses per nesting level of the bytes it reads
+        raise InvalidRequest(f"undecodable {msg_type.name} message: nested too deeply") from None

@@ -37,7 +37,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_num_batched_tokens: int | None = None  # LLM: the step's token budget
     max_waiting_requests: int = 4096
     enable_prefix_caching: bool | None = None  # LLM (on by default)
-    async_scheduling: bool = True  # plan step N+1 while the workers run step N
+    # plan step N+1 while the workers run step N; None: the kind's default (the scheduler's
+    # `max_plans_in_flight`): on for LLMs, off for image models
+    async_scheduling: bool | None = None
     online: bool = False  # requests arrive over time (serve, AsyncLLM): defaults favour latency
     seed: int = 0
     listen: str = ""  # ROUTER address for clients; a fresh ipc:// path when empty

@@ -58,6 +58,6 @@ ERRORS_BY_NAME: dict[str, type[ZomniError]] = {
 }
 
 
-def error_from_wire(kind: str, message: str) -> ZomniError:
-    """Rebuild a typed error sent by a peer as (class name, message)."""
-    return ERRORS_BY_NAME.get(kind, ZomniError)(message)
+def error_from_wire(kind: str, message: str, param: str = "") -> ZomniError:
+    """Rebuild a typed error sent by a peer as (class name, message, parameter)."""
+    return ERRORS_BY_NAME.get(kind, ZomniError)(message, param=param or None)

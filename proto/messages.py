@@ -212,6 +212,7 @@ class EngineOutput(_Msg, tag=_AR):
     # position, vLLM's layout: entry 0 is None (the first token has no context), entry i holds
     # prompt token i first, then the top-N, from the model's raw logits at position i - 1
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    error_param: str = ""  # the request field the error is about, when there is one
 
 
 class ImageOutput(_Msg, tag=_IMAGE):
@@ -225,6 +226,7 @@ class ImageOutput(_Msg, tag=_IMAGE):
     error: str = ""
     error_kind: str = ""
     queue_time_s: float = 0.0  # from its arrival to the start of its first denoising step
+    error_param: str = ""  # the request field the error is about, when there is one
 
 
 class EngineOutputs(_Msg):
