@@ -275,6 +275,12 @@ def test_engine_killed_under_serve_leaves_nothing(llama_dir, tmpdir_env, tmp_pat
             serve.wait()
 
 
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(psutil.Error):
+        return f"{pid}: {' '.join(psutil.Process(pid).cmdline())[:200]}"
+    return f"{pid}: gone"
+
+
 @pytest.mark.parametrize("victim", ["command", "engine"])
 def test_zomni_engine_killed_leaves_nothing(llama_dir, tmpdir_env, tmp_path, victim):
     address = f"tcp://127.0.0.1:{free_port()}"
@@ -292,7 +298,8 @@ def test_zomni_engine_killed_leaves_nothing(llama_dir, tmpdir_env, tmp_path, vic
         engine = next(p for p in pids if "zomni.core.engine" in
                       " ".join(psutil.Process(p).cmdline()))
         os.kill(command.pid if victim == "command" else engine, signal.SIGKILL)
-        assert wait_gone(pids) == []
+        left = wait_gone(pids)
+        assert left == [], [_cmdline(p) for p in left]
         assert _wait_empty(tmpdir_env) == []
     finally:
         ctx.destroy(linger=0)

@@ -15,9 +15,9 @@ A worker started by an engine core is *managed* (its environment holds the ident
 `ZOMNI_WORKER_TOKEN`): it ignores SIGTERM / SIGINT while that engine lives, because the engine
 decides when its workers stop (a Ctrl-C or a systemd stop signals the whole process group; the
 engine drains, then sends SHUTDOWN). When the engine dies the kernel sends SIGTERM
-(`die_with_parent`) and the worker exits, removing the dead engine's private files (its
-socket, the distributed store: `zomni._process`). A worker started by hand has no token,
-connects as "rank{r}" and exits on SIGTERM.
+(`die_with_parent`; an idle worker also looks each second) and the worker exits, removing
+the dead engine's private files (its socket, the distributed store: `zomni._process`). A
+worker started by hand has no token, connects as "rank{r}" and exits on SIGTERM.
 
 ZOMNI_PROFILE_DIR=<dir> profiles the serving loop and writes each rank's op table there.
 """
@@ -88,11 +88,19 @@ def _report(sock: zmq.Socket, step_id: int, error: str) -> None:
     sock.send_multipart(encode(MsgType.WORKER_ERROR, WorkerError(step_id, error)))
 
 
+_ENGINE_CHECK_MS = 1000  # an idle managed worker looks for its engine this often
+
+
 def serve(sock: zmq.Socket, runner: Runner, rank: int,
           on_step: Callable[[], None] = lambda: None) -> int:
     """Execute step plans until SHUTDOWN (returns 0) or a failure (returns 1)."""
     while True:
-        frames = sock.recv_multipart()  # blocks; no polling loop
+        # The engine's death normally arrives as SIGTERM (die_with_parent); an idle worker
+        # also checks for it itself, so a signal lost to a race cannot leave it running.
+        while _Managed.engine_pid is not None and not sock.poll(_ENGINE_CHECK_MS):
+            if not _Managed.engine_alive():
+                raise _Terminated("engine core gone")
+        frames = sock.recv_multipart()
         step_id = -1
         try:
             msg_type, msg, _ = decode(frames)
