@@ -47,6 +47,7 @@ from zomni.proto import (
     ImageRunnerInfo,
     ImageStats,
     InvalidRequest,
+    StepCacheParams,
     ZomniError,
 )
 
@@ -104,6 +105,9 @@ class DenoiseScheduler:
         self.num_preemptions = 0
         self._last_key: tuple[int, int, bool] | None = None
         self._seeds = random.Random(config.seed)  # for requests that bring no seed
+        # for requests that bring no `cache` (checked when the config was built)
+        self.default_cache = StepCacheParams.from_json(config.step_cache) \
+            if config.step_cache else None
         self._finished_images: collections.deque[tuple[float, int]] = collections.deque()
         self.images_total = 0
         self.denoising_steps_total = 0
@@ -167,11 +171,12 @@ class DenoiseScheduler:
             raise InvalidRequest("negative_prompt needs classifier-free guidance "
                                  f"(guidance_scale > 1, got {guidance})", param="negative_prompt")
         seed = p.seed if p.seed is not None else self._seeds.randrange(2**63)
+        cache = p.cache if p.cache is not None else self.default_cache
         return DenoiseRequestData(
             request_id=req.request_id, prompt=req.prompt, negative_prompt=p.negative_prompt,
             class_labels=req.class_labels, num_images=num_images, height=height, width=width,
             num_steps=p.num_inference_steps or m.default_num_steps, guidance_scale=guidance,
-            seed=seed)
+            seed=seed, cache=cache if cache is not None and cache.enabled else None)
 
     def abort_requests(self, request_ids: Sequence[str]) -> Outputs:
         outputs: Outputs = defaultdict(list)
@@ -282,7 +287,8 @@ class DenoiseScheduler:
             if request is not None and not request.first_step_time:
                 request.first_step_time = result.denoise_started_at or time.time()
         outputs: Outputs = defaultdict(list)
-        for request_id, pixels in zip(result.request_ids, result.pixels):
+        computed = result.num_computed_steps or [[] for _ in result.request_ids]
+        for request_id, pixels, num_computed in zip(result.request_ids, result.pixels, computed):
             request = self.requests.get(request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted after the plan was made
@@ -293,7 +299,8 @@ class DenoiseScheduler:
                 request_id, FinishReason.STOP,
                 ArrayRef(pixels.dtype, list(pixels.shape), pixels.frame),
                 num_steps=request.num_steps,
-                queue_time_s=max(0.0, request.first_step_time - request.arrival_time)))
+                queue_time_s=max(0.0, request.first_step_time - request.arrival_time),
+                num_computed_steps=num_computed))
             self.images_total += request.num_images
             self._finished_images.append((time.monotonic(), request.num_images))
         return dict(outputs)

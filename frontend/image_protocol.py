@@ -4,7 +4,10 @@
                  user, output_format (png)
     vLLM-omni:   negative_prompt, num_inference_steps (1-200), guidance_scale, seed
     zomni:       class_labels (class-conditional models, e.g. DiT, instead of a prompt),
-                 priority (lower is served first, as for completions)
+                 priority (lower is served first, as for completions),
+                 cache: the step cache, e.g. {"type": "fbcache", "threshold": 0.08,
+                 "max_consecutive_skips": 3} (`StepCacheParams`; absent: the server's
+                 `--step-cache`, off by default; {"type": "none"}: off)
 
 OpenAI fields that zomni does not implement (`quality`, `style`, `background`, `moderation`,
 `output_compression`, `partial_images`, `stream`, an `output_format` other than png,
@@ -20,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from zomni.proto import ImageParams, ImageRequest, InvalidRequest
+from zomni.proto import ImageParams, ImageRequest, InvalidRequest, StepCacheParams
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
@@ -61,6 +64,7 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True):
     # zomni
     class_labels: list[int] | None = None
     priority: int = 0
+    cache: dict[str, Any] | None = None  # StepCacheParams as a JSON object
 
     def check_openai_fields(self) -> None:
         """`InvalidRequest` for a response format or an OpenAI option zomni cannot honour."""
@@ -94,6 +98,8 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True):
         params = ImageParams(n=self.n, height=height, width=width,
                              num_inference_steps=self.num_inference_steps,
                              guidance_scale=self.guidance_scale,
-                             negative_prompt=self.negative_prompt, seed=self.seed)
+                             negative_prompt=self.negative_prompt, seed=self.seed,
+                             cache=None if self.cache is None
+                             else StepCacheParams.from_dict(self.cache))
         return ImageRequest(request_id, prompt=self.prompt, class_labels=self.class_labels,
                             params=params, priority=self.priority, arrival_time=arrival_time)

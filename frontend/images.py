@@ -47,6 +47,9 @@ class ImageGenerationOutput:
     images: list[Image.Image] = field(default_factory=list)
     num_steps: int = 0  # denoising steps the engine ran
     finished: bool = False
+    # per CFG branch (cond, then uncond): steps that ran the whole denoiser (the step cache
+    # skipped the others)
+    num_computed_steps: list[int] = field(default_factory=list)
 
 
 def image_requests(prompts: str | Sequence[str] | None,
@@ -150,6 +153,7 @@ def run_image_requests(client: EngineClient, requests: list[ImageRequest],
             if result is None or result.finished or out.finish_reason is None:
                 continue
             result.finished, result.num_steps = True, out.num_steps
+            result.num_computed_steps = list(out.num_computed_steps)
             remaining -= 1
             try:
                 result.images = pil_images(output_pixels(out, frames))

@@ -50,7 +50,7 @@ from .messages import (
     WorkerError,
     WorkerReady,
 )
-from .sampling import ImageParams, SamplingParams
+from .sampling import ImageParams, SamplingParams, StepCacheParams
 
 __all__ = [
     "PROTOCOL_VERSION", "SCHEMA_HASH", "Abort", "ArrayRef", "CachedRequestData",
@@ -60,7 +60,7 @@ __all__ = [
     "FinishReason", "Hello", "ImageModelInfo", "ImageOutput", "ImageParams", "ImageRequest",
     "ImageRunnerInfo", "ImageStats", "InvalidRequest", "ModelInfo", "ModelKind",
     "ModelRunnerOutput", "MsgType", "NewRequestData", "ProtocolMismatch", "Ready",
-    "SamplingParams", "SchedulerOutput", "Shutdown", "Stats", "TokenLogprobs",
+    "SamplingParams", "SchedulerOutput", "Shutdown", "Stats", "StepCacheParams", "TokenLogprobs",
     "TokenModelInfo", "TokenRunnerInfo", "TokenStats", "WorkerConfig", "WorkerError",
     "WorkerReady", "ZomniError", "decode", "encode",
 ]

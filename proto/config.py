@@ -15,6 +15,7 @@ from .errors import InvalidRequest
 from .keys import check_server_keys
 from .messages import ModelKind
 from .model_info import model_kind
+from .sampling import StepCacheParams
 
 
 class EngineConfig(msgspec.Struct, kw_only=True):
@@ -58,6 +59,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # ZMQ CURVE on the client socket: a directory from `zomni keys generate DIR` holding
     # server.key_secret (and optionally clients/*.key: then only those clients may connect).
     curve_keys_dir: str | None = None
+    # Image models: the step cache of requests that bring no `cache` of their own, as the same
+    # JSON, e.g. '{"type": "fbcache", "threshold": 0.08}' (see `StepCacheParams`); None: off.
+    # LLMs ignore it, so one `zomni serve` flag set can start both kinds.
+    step_cache: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "block_size", "max_num_seqs",
@@ -73,6 +78,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
         if not (math.isfinite(self.drain_timeout_s) and self.drain_timeout_s >= 0):
             raise InvalidRequest("drain_timeout_s must be a non-negative number of seconds, "
                                  f"got {self.drain_timeout_s}", param="drain_timeout_s")
+        if self.step_cache is not None:
+            StepCacheParams.from_json(self.step_cache, param="step_cache")  # refused here, early
         if self.curve_keys_dir is not None:
             check_server_keys(self.curve_keys_dir)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

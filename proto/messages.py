@@ -29,7 +29,7 @@ import enum
 
 import msgspec
 
-from .sampling import ImageParams, SamplingParams
+from .sampling import ImageParams, SamplingParams, StepCacheParams
 
 PROTOCOL_VERSION = 2
 
@@ -227,6 +227,9 @@ class ImageOutput(_Msg, tag=_IMAGE):
     error_kind: str = ""
     queue_time_s: float = 0.0  # from its arrival to the start of its first denoising step
     error_param: str = ""  # the request field the error is about, when there is one
+    # per CFG branch (conditional, then unconditional with guidance): steps that ran the whole
+    # denoiser; fewer than num_steps when the step cache skipped some. Empty: not reported.
+    num_computed_steps: list[int] = msgspec.field(default_factory=list)
 
 
 class EngineOutputs(_Msg):
@@ -340,6 +343,8 @@ class DenoiseRequestData(_Msg):
     num_steps: int
     guidance_scale: float  # classifier-free guidance runs when > 1, as in diffusers
     seed: int
+    cache: StepCacheParams | None = None  # the step cache it runs with (the server default
+    # resolved; never type "none")
 
 
 class DenoiseSchedulerOutput(_Msg, tag=_IMAGE):
@@ -376,6 +381,8 @@ class DenoiseRunnerOutput(_Msg, tag=_IMAGE):
     request_ids: list[str]
     pixels: list[ArrayRef]  # one per finished request, uint8 [num_images, height, width, 3]
     denoise_started_at: float = 0.0  # wall clock when the step's denoiser forward began
+    # one per finished request, same order: ImageOutput.num_computed_steps
+    num_computed_steps: list[list[int]] = msgspec.field(default_factory=list)
 
 
 class WorkerError(_Msg):

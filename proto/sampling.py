@@ -136,6 +136,79 @@ MAX_IMAGES_PER_REQUEST = 10  # OpenAI's bound on `n` for images
 MAX_NUM_STEPS = 200
 
 
+STEP_CACHE_TYPES = ("fbcache", "teacache", "none")
+# A type's threshold when the request gives none: diffusers' FirstBlockCacheConfig default for
+# FBCache, vLLM-omni's TeaCacheConfig default for TeaCache.
+DEFAULT_STEP_CACHE_THRESHOLDS = {"fbcache": 0.05, "teacache": 0.2, "none": 0.0}
+MAX_STEP_CACHE_THRESHOLD = 10.0
+
+
+class StepCacheParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False,
+                      kw_only=True):
+    """A denoising step cache (`zomni.workers.step_cache`): at steps where the denoiser's input
+    barely changed, reuse the block stack's last residual instead of running the blocks.
+
+    type "fbcache" (First-Block-Cache, ParaAttention / diffusers): block 0 always runs; the
+    rest is skipped while block 0's residual differs from the last computed step's by less than
+    `threshold` (relative mean absolute difference). type "teacache": the whole stack is
+    skipped while the accumulated, rescaled relative L1 change of block 0's modulated input
+    stays below `threshold`. type "none": no cache (overrides a server default). The first and
+    last steps always run; `max_consecutive_skips` caps skips in a row (None: no cap). Each
+    request, and each of its classifier-free-guidance branches, decides on its own.
+    """
+
+    type: str
+    threshold: float | None = None  # None: the type's default (DEFAULT_STEP_CACHE_THRESHOLDS)
+    max_consecutive_skips: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.type in STEP_CACHE_TYPES, "cache.type",
+               f"cache.type must be one of {', '.join(STEP_CACHE_TYPES)}, got "
+               f"{str(self.type)[:24]!r}")
+        if self.threshold is None:
+            self.threshold = DEFAULT_STEP_CACHE_THRESHOLDS[self.type]
+        t = self.threshold
+        _check(not isinstance(t, bool) and _finite_float32(t)
+               and 0.0 <= t <= MAX_STEP_CACHE_THRESHOLD, "cache.threshold",
+               f"cache.threshold must be a finite number in [0, {MAX_STEP_CACHE_THRESHOLD:g}], "
+               f"got {str(t)[:24]}")
+        m = self.max_consecutive_skips
+        _check(m is None or (type(m) is int and 0 <= m <= MAX_NUM_STEPS),
+               "cache.max_consecutive_skips", f"cache.max_consecutive_skips must be an integer "
+               f"in [0, {MAX_NUM_STEPS}] or null, got {str(m)[:24]}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.type != "none"
+
+    @classmethod
+    def from_dict(cls, raw: object, param: str = "cache") -> StepCacheParams:
+        """From a JSON object (an HTTP body's `cache`, a `--step-cache` flag): unknown keys and
+        wrong types are an `InvalidRequest` naming `param` or the field."""
+        _check(isinstance(raw, dict), param, f"{param} must be an object like "
+               '{"type": "fbcache", "threshold": 0.08}')
+        unknown = sorted(str(k) for k in raw if k not in cls.__struct_fields__)
+        _check(not unknown, param, f"{param} has unknown keys {unknown}; known: "
+               f"{', '.join(cls.__struct_fields__)}")
+        _check("type" in raw, f"{param}.type", f"{param}.type is required "
+               f"({', '.join(STEP_CACHE_TYPES)})")
+        try:
+            return cls(**raw)  # __post_init__ checks every value's type and range
+        except InvalidRequest as e:
+            raise InvalidRequest(e.message.replace("cache.", f"{param}.", 1),
+                                 param=param + e.param[len("cache"):]) from None
+
+    @classmethod
+    def from_json(cls, text: str, param: str = "step_cache") -> StepCacheParams:
+        try:
+            raw = msgspec.json.decode(text)
+        except msgspec.DecodeError:
+            raise InvalidRequest(f"{param} must be JSON like "
+                                 '{"type": "fbcache", "threshold": 0.08}, got '
+                                 f"{text[:40]!r}", param=param) from None
+        return cls.from_dict(raw, param)
+
+
 class ImageParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, kw_only=True):
     """Image generation parameters, named as diffusers' pipelines and vLLM-omni name them.
 
@@ -153,8 +226,14 @@ class ImageParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False,
     guidance_scale: float | None = None
     negative_prompt: str | None = None
     seed: int | None = None
+    # None: the server's default (`--step-cache`, off unless set); a dict is converted
+    cache: StepCacheParams | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.cache, dict):
+            self.cache = StepCacheParams.from_dict(self.cache)
+        _check(self.cache is None or isinstance(self.cache, StepCacheParams), "cache",
+               "cache must be a StepCacheParams, a dict like {'type': 'fbcache'}, or None")
         _check(1 <= self.n <= MAX_IMAGES_PER_REQUEST, "n",
                f"n must be in [1, {MAX_IMAGES_PER_REQUEST}], got {self.n}")
         for name in ("height", "width"):

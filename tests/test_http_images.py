@@ -17,6 +17,7 @@ import openai
 import pytest
 from http_utils import Proc, http, zomni_cmd
 from image_utils import MIN_PSNR_DB, decode_png, dit_reference, psnr, sd3_reference, tiny_pipelines
+from step_cache_reference import cached_images
 
 from zomni._process import free_port
 
@@ -143,6 +144,23 @@ def test_concurrent_requests_share_steps_and_match(server):
     assert engine_steps < 0.8 * request_steps, (engine_steps, request_steps)
 
 
+def test_step_cache_matches_the_reference_loop(server):
+    """A per-request step cache over HTTP: the image of the published algorithm's plain loop
+    over diffusers' denoiser (tests/step_cache_reference.py)."""
+    for model, path, body, cache in (
+            ("sd3", server.sd3, {"prompt": "a big blue square"},
+             {"type": "fbcache", "threshold": 0.6, "max_consecutive_skips": 3}),
+            ("dit", server.dit, {"class_labels": [2]}, {"type": "teacache", "threshold": 0.6})):
+        status, out = generate(server, {"model": model, "seed": 9, "num_inference_steps": 10,
+                                        "guidance_scale": 5.0, "cache": cache, **body})
+        assert status == 200, out
+        expected, decisions = cached_images(path, cache, seed=9, steps=10, guidance=5.0,
+                                            prompt=body.get("prompt"),
+                                            class_labels=body.get("class_labels"))
+        assert sum(map(sum, decisions)) < 2 * 10  # it skipped some steps
+        assert_close(pixels(out), expected, f"{model} {cache['type']}")
+
+
 # ---- errors -----------------------------------------------------------------------------------
 
 _BAD = [
@@ -173,6 +191,15 @@ _BAD = [
     ({"model": "dit", "class_labels": [1000]}, "class_labels"),
     ({"model": "nope", "prompt": "x"}, "model"),
     ({"prompt": "x"}, "model"),  # two image models: name one
+    ({"model": "sd3", "prompt": "x", "cache": {"type": "nope"}}, "cache.type"),
+    ({"model": "sd3", "prompt": "x", "cache": {"threshold": 0.1}}, "cache.type"),
+    ({"model": "sd3", "prompt": "x", "cache": {"type": "fbcache", "threshold": -1}},
+     "cache.threshold"),
+    ({"model": "dit", "class_labels": [1], "cache": {"type": "teacache",
+                                                     "max_consecutive_skips": "3"}},
+     "cache.max_consecutive_skips"),
+    ({"model": "sd3", "prompt": "x", "cache": {"type": "fbcache", "skip": 1}}, "cache"),
+    ({"model": "sd3", "prompt": "x", "cache": "fbcache"}, "cache"),
 ]
 
 

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from step_cache_reference import cached_images
 
 from zomni.frontend.launch import EngineProcess, make_config
 from zomni.proto import FinishReason, ImageOutput, ImageParams, ImageRequest, MsgType
@@ -96,6 +97,27 @@ def test_seeded_images_equal_diffusers_with_two_batch_keys_in_flight(engine, sd3
         assert psnr(pixels, reference(sd3_dir, prompt, params)) >= 40.0, rid
     stats = engine.get_stats()
     assert stats.scheduler.images_total >= 4 and stats.scheduler.num_running == 0
+
+
+def test_step_cache_decisions_agree_across_ranks(engine, sd3_dir):
+    """Cached requests (two types, guided, batched together) finish with the decisions and
+    images of the per-request reference loop; at TP=2 a rank that decided otherwise than the
+    other would have hung the next block's all-reduce."""
+    caches = {"fb": {"type": "fbcache", "threshold": 0.6},
+              "tea": {"type": "teacache", "threshold": 0.5, "max_consecutive_skips": 2}}
+    for rid, cache in caches.items():
+        engine.add_request(ImageRequest(rid, prompt=f"a red circle {rid}", params=ImageParams(
+            height=32, width=32, num_inference_steps=12, guidance_scale=5.0, seed=7,
+            cache=cache)))
+    results = collect(engine, set(caches))
+    for rid, cache in caches.items():
+        out, pixels = results[rid]
+        expected, decisions = cached_images(sd3_dir, cache, seed=7, steps=12, guidance=5.0,
+                                            prompt=f"a red circle {rid}")
+        assert out.finish_reason == FinishReason.STOP, out
+        assert out.num_computed_steps == [sum(d) for d in decisions], rid
+        assert sum(out.num_computed_steps) < 2 * 12
+        assert psnr(pixels, expected) >= 40.0, rid
 
 
 def test_abort_and_refusal(engine):

@@ -26,6 +26,7 @@ import torch
 
 from zomni.proto import DenoiseRequestData
 from zomni.workers.parallel_state import broadcast, get_tp_rank, get_tp_size
+from zomni.workers.step_cache import StepCache
 
 logger = logging.getLogger("zomni.worker")
 
@@ -91,8 +92,9 @@ class ImagePipeline:
         raise NotImplementedError
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor,
-                inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The denoiser's output for rows `latents` [B, C, h, w] with the latent's channels."""
+                inputs: tuple[torch.Tensor, ...], cache: StepCache | None = None) -> torch.Tensor:
+        """The denoiser's output for rows `latents` [B, C, h, w] with the latent's channels;
+        `cache`: the step cache's plan for these rows (workers/step_cache.py), if any."""
         raise NotImplementedError
 
     @torch.inference_mode()
@@ -128,9 +130,9 @@ class SD3Pipeline(ImagePipeline):
         embeds = _broadcast_tensors(embeds, 4 if cfg else 2, self.dtype, self.device)
         return Conditioning(embeds[:2], embeds[2:] if cfg else None)
 
-    def predict(self, latents, timesteps, inputs):
+    def predict(self, latents, timesteps, inputs, cache=None):
         context, pooled = inputs
-        return self.denoiser(latents, timesteps, context, pooled)
+        return self.denoiser(latents, timesteps, context, pooled, cache=cache)
 
     def _unscale(self, latents):
         cfg = self.parts.vae.config
@@ -149,9 +151,9 @@ class DiTPipeline(ImagePipeline):
         null = torch.full_like(labels, self.denoiser.config.num_embeds_ada_norm)
         return Conditioning((labels,), (null,) if req.guidance_scale > 1.0 else None)
 
-    def predict(self, latents, timesteps, inputs):
+    def predict(self, latents, timesteps, inputs, cache=None):
         (labels,) = inputs
-        out = self.denoiser(latents, timesteps, labels)
+        out = self.denoiser(latents, timesteps, labels, cache=cache)
         return out[:, : latents.shape[1]]  # learned sigma: the pipeline uses eps only
 
     def _unscale(self, latents):

@@ -11,7 +11,9 @@ The worker decides nothing. Per step, in this order:
             input  [ rows (cond) | rows (uncond) ]        with guidance: both halves at once
             output  uncond + g_row * (cond - uncond)      each request's own guidance scale
 
-        then one batched scheduler update (`denoise_schedulers`), rows back to their requests
+        then one batched scheduler update (`denoise_schedulers`), rows back to their requests;
+        requests with a step cache (`step_cache`) keep its state per CFG branch, and the
+        forward runs the blocks only on the rows whose branch computes this step
     (d) requests whose last step this was: VAE decode (rank 0), pixels returned, state dropped
 
 Rank 0 returns a `DenoiseRunnerOutput` whose pixels travel as raw frames; other ranks return
@@ -41,6 +43,7 @@ from zomni.workers.denoise_schedulers import Schedule, load_scheduler
 from zomni.workers.denoiser_loader import load_denoiser
 from zomni.workers.device import resolve_device, resolve_dtype, set_threads
 from zomni.workers.image_pipelines import PIPELINES, Conditioning
+from zomni.workers.step_cache import BranchCache, CacheGroup, StepCache
 
 logger = logging.getLogger("zomni.worker")
 
@@ -56,10 +59,18 @@ class ImageState:
     conditioning: Conditioning
     schedule: Schedule
     step: int = 0  # denoising steps done
+    cache: tuple[BranchCache, ...] = ()  # with a step cache: (cond, uncond with guidance)
 
     @property
     def guided(self) -> bool:
         return self.conditioning.uncond is not None
+
+    @property
+    def num_computed_steps(self) -> list[int]:
+        """Per CFG branch: steps that ran the whole denoiser (ImageOutput's field)."""
+        if self.cache:
+            return [branch.num_computed_steps for branch in self.cache]
+        return [self.step] * (2 if self.guided else 1)
 
 
 class ImageRunner:
@@ -127,16 +138,21 @@ class ImageRunner:
         frames: list = []
         refs = [add_array(self.pipeline.decode(s.latents).numpy(), frames) for s in done]
         return DenoiseRunnerOutput(plan.step_id, [s.data.request_id for s in done], refs,
-                                   started), frames
+                                   started, [s.num_computed_steps for s in done]), frames
 
     def _admit(self, data: DenoiseRequestData) -> ImageState:
         if data.request_id in self.requests:
             raise ValueError(f"step plan admits request {data.request_id!r} twice")
         h = data.height // self.pipeline.vae_scale_factor // self.patch_size
         w = data.width // self.pipeline.vae_scale_factor // self.patch_size
-        return ImageState(data, self.pipeline.initial_latents(data),
-                          self.pipeline.condition(data),
-                          self.scheduler.schedule(data.num_steps, image_seq_len=h * w))
+        state = ImageState(data, self.pipeline.initial_latents(data),
+                           self.pipeline.condition(data),
+                           self.scheduler.schedule(data.num_steps, image_seq_len=h * w))
+        if data.cache is not None and data.cache.enabled:
+            state.cache = tuple(BranchCache.create(data.cache, data.num_steps,
+                                                   self.denoiser.teacache_rescale)
+                                for _ in range(2 if state.guided else 1))
+        return state
 
     def _get(self, request_id: str) -> ImageState:
         try:
@@ -164,13 +180,29 @@ class ImageRunner:
             inputs = [torch.cat([c, *u]) for c, u in zip(inputs, uncond)]
             cond, free = self.pipeline.predict(
                 torch.cat([latents, latents]), torch.cat([timesteps, timesteps]),
-                tuple(inputs)).chunk(2)
+                tuple(inputs), self._step_cache(scheduled, counts, 2)).chunk(2)
             scale = torch.tensor([s.data.guidance_scale for s, n in zip(scheduled, counts)
                                   for _ in range(n)], dtype=cond.dtype, device=cond.device)
             output = free + scale.view(-1, 1, 1, 1) * (cond - free)
         else:
-            output = self.pipeline.predict(latents, timesteps, tuple(inputs))
+            output = self.pipeline.predict(latents, timesteps, tuple(inputs),
+                                           self._step_cache(scheduled, counts, 1))
         new = self.scheduler.step(latents, output, schedules, steps)
         for state, rows in zip(scheduled, new.split(counts)):
             state.latents = rows
             state.step += 1
+
+    @staticmethod
+    def _step_cache(scheduled: list[ImageState], counts: list[int],
+                    branches: int) -> StepCache | None:
+        """The step cache's row groups for the forward's batch [cond rows | uncond rows]:
+        one group per request and branch (None when no request uses the cache)."""
+        if not any(s.cache for s in scheduled):
+            return None
+        groups, start = [], 0
+        for branch in range(branches):
+            for state, n in zip(scheduled, counts):
+                groups.append(CacheGroup(start, start + n,
+                                         state.cache[branch] if state.cache else None))
+                start += n
+        return StepCache(groups)

@@ -16,6 +16,7 @@ Parameter names are the checkpoint's except attn1.to_{q,k,v} -> attn1.to_qkv (sh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,6 +37,9 @@ from zomni.workers.models.diffusion_layers import (
     timestep_embedding,
     unpatchify,
 )
+
+if TYPE_CHECKING:
+    from zomni.workers.step_cache import Hidden, StepCache
 
 _GELU_APPROXIMATE = {"gelu-approximate": "tanh", "gelu": "none"}
 
@@ -144,7 +148,13 @@ class DiTBlock(nn.Module):
 
 
 class DiTTransformer2DModel(nn.Module):
-    """The DiT denoiser. `forward` is one batched step; rows may be at different timesteps."""
+    """The DiT denoiser. `forward` is one batched step; rows may be at different timesteps.
+    With a `StepCache` the blocks run through it (workers/step_cache.py): streams (x,),
+    per-row conditioning (timestep, class_labels)."""
+
+    # TeaCache publishes no rescale polynomial for DiT: the identity, so the threshold bounds
+    # the accumulated raw relative L1 change of block 0's modulated input.
+    teacache_rescale = (1.0, 0.0)
 
     packed_modules_mapping = {
         "to_q": ("to_qkv", "q"),
@@ -164,16 +174,31 @@ class DiTTransformer2DModel(nn.Module):
         self.proj_out_2 = ReplicatedLinear(dim, p * p * config.out_channels, bias=True)
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
-                class_labels: torch.Tensor) -> torch.Tensor:
+                class_labels: torch.Tensor, cache: StepCache | None = None) -> torch.Tensor:
         """Latents [B, C, H, W], timesteps [B], class labels [B] int64 (num_embeds_ada_norm:
         no class) -> [B, out_channels, H, W]."""
         b, _, height, width = hidden_states.shape
         p = self.config.patch_size
         x = self.pos_embed(hidden_states)
-        for block in self.transformer_blocks:
-            x = block(x, timestep, class_labels)
+        if cache is None:
+            for block in self.transformer_blocks:
+                x = block(x, timestep, class_labels)
+        else:
+            x = cache.run(self, (x,), (timestep, class_labels))
         cond = self.transformer_blocks[0].norm1.emb(timestep, class_labels, x.dtype)
         shift, scale = modulation_chunks(self.proj_out_1, cond, 2)
         x = modulate(layer_norm(x), shift, scale)
         x = self.proj_out_2(x.reshape(b * x.shape[1], -1)).view(b, x.shape[1], -1)
         return unpatchify(x, height // p, width // p, p, self.config.out_channels)
+
+    def block_step(self, block: DiTBlock, hidden: Hidden, cond: Hidden) -> Hidden:
+        (x,), (timestep, class_labels) = hidden, cond
+        return (block(x, timestep, class_labels),)
+
+    def teacache_input(self, x: torch.Tensor, cond: Hidden) -> torch.Tensor:
+        """Block 0's modulated image input (diffusers' `transformer_blocks[0].norm1(x, t,
+        labels)[0]`)."""
+        timestep, class_labels = cond
+        shift_msa, scale_msa, *_ = self.transformer_blocks[0].norm1(timestep, class_labels,
+                                                                    x.dtype)
+        return modulate(layer_norm(x), shift_msa, scale_msa)

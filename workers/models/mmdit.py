@@ -28,6 +28,7 @@ Parameter names are the checkpoint's except the fused projections (`packed_modul
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -50,6 +51,9 @@ from zomni.workers.models.diffusion_layers import (
     timestep_embedding,
     unpatchify,
 )
+
+if TYPE_CHECKING:
+    from zomni.workers.step_cache import Hidden, StepCache
 
 
 @dataclass(frozen=True)
@@ -196,7 +200,14 @@ class JointTransformerBlock(nn.Module):
 
 class SD3Transformer2DModel(nn.Module):
     """The SD3 / SD3.5 denoiser. `forward` is one batched step; rows may be at different
-    timesteps (a classifier-free-guidance pair is two rows)."""
+    timesteps (a classifier-free-guidance pair is two rows). With a `StepCache` the blocks
+    run through it (workers/step_cache.py): block 0 on the rows that need it, the rest on the
+    rows that compute; streams (x, c), per-row conditioning (temb,)."""
+
+    # TeaCache's rescale polynomial: TeaCache fitted none to SD3; this is its FLUX fit, which
+    # PaddleMIX's TeaCache port for SD3 uses (and vLLM-omni for its FLUX-like models).
+    teacache_rescale = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00,
+                        2.64230861e-01)
 
     packed_modules_mapping = {
         "to_q": ("to_qkv", "q"),
@@ -226,7 +237,8 @@ class SD3Transformer2DModel(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor,
-                pooled_projections: torch.Tensor) -> torch.Tensor:
+                pooled_projections: torch.Tensor,
+                cache: StepCache | None = None) -> torch.Tensor:
         """Latents [B, C, H, W], timesteps [B] (float, SD3 scale: sigma * 1000), text
         embeddings [B, S, joint_attention_dim], pooled [B, pooled_projection_dim]
         -> the model output [B, out_channels, H, W]."""
@@ -235,9 +247,23 @@ class SD3Transformer2DModel(nn.Module):
         x = self.pos_embed(hidden_states)
         temb = self.time_text_embed(timestep, pooled_projections)
         c = self.context_embedder(encoder_hidden_states.reshape(b * s, -1)).view(b, s, -1)
-        for block in self.transformer_blocks:
-            x, c = block(x, c, temb)
+        if cache is None:
+            for block in self.transformer_blocks:
+                x, c = block(x, c, temb)
+        else:
+            x = cache.run(self, (x, c), (temb,))
         scale, shift = self.norm_out(temb)
         x = modulate(layer_norm(x), shift, scale)
         x = self.proj_out(x.reshape(b * x.shape[1], -1)).view(b, x.shape[1], -1)
         return unpatchify(x, height // p, width // p, p, self.config.out_channels)
+
+    def block_step(self, block: JointTransformerBlock, hidden: Hidden, cond: Hidden) -> Hidden:
+        (x, c), (temb,) = hidden, cond
+        return block(x, c, temb)
+
+    def teacache_input(self, x: torch.Tensor, cond: Hidden) -> torch.Tensor:
+        """Block 0's modulated image input, norm1's (as TeaCache reads it from diffusers'
+        `transformer_blocks[0].norm1(x, emb=temb)[0]`)."""
+        (temb,) = cond
+        shift_msa, scale_msa, *_ = self.transformer_blocks[0].norm1(temb)
+        return modulate(layer_norm(x), shift_msa, scale_msa)
