@@ -34,6 +34,7 @@ from zomni.proto import (
 from zomni.proto.client import AsyncEngineClient, EngineClient, output_error
 from zomni.proto.model_info import model_kind
 
+from .generation_config import generation_defaults
 from .images import (
     ImageGenerationOutput,
     image_requests,
@@ -43,7 +44,14 @@ from .images import (
 )
 from .launch import EngineProcess, make_config
 from .outputs import CompletionOutput, RequestOutput, RequestState, child_requests
-from .tokenizer import Prompt, apply_chat_template, encode_prompt, load_tokenizer
+from .tokenizer import (
+    Prompt,
+    apply_chat_template,
+    encode_prompt,
+    encode_prompt_async,
+    load_tokenizer,
+    off_loop,
+)
 
 __all__ = ["LLM", "AsyncLLM", "RequestOutput", "CompletionOutput", "SamplingParams",
            "ImageParams", "ImageGenerationOutput"]
@@ -64,8 +72,16 @@ class _Base:
         # An image pipeline's tokenizers are the workers' business (they encode prompts).
         self.tokenizer = load_tokenizer(self.config.model) if self.kind == ModelKind.AR \
             else None
+        # the model's sampling defaults (generation_config.json), for calls without params
+        self.generation_defaults = generation_defaults(self.config.model) \
+            if self.kind == ModelKind.AR else {}
         self.ready: Ready | None = None
         self.engine: EngineProcess | None = EngineProcess(self.config)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a call without `SamplingParams` samples with: the library's defaults, less
+        what the model's generation_config.json sets (vLLM's `--generation-config auto`)."""
+        return SamplingParams(**self.generation_defaults)
 
     def _require(self, kind: ModelKind, method: str) -> None:
         if self.kind != kind:
@@ -116,7 +132,7 @@ class LLM(_Base):
         self._require(ModelKind.AR, "generate")
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params) != len(prompts):
             raise InvalidRequest("need one SamplingParams per prompt", param="sampling_params")
@@ -151,9 +167,11 @@ class LLM(_Base):
                     continue
                 if (err := output_error(out)) is not None:
                     error, state.output.finish_reason = err, "error"
-                elif state.update(out)[2]:  # a stop string ended it: stop the engine too
+                elif state.update(out).stop_hit:  # a stop string ended it: stop the engine
                     self.client.abort([state.request_id])
                 result.num_cached_tokens = state.num_cached_tokens
+                if state.prompt_logprobs is not None:  # child 0's, the only one asking
+                    result.prompt_logprobs = state.prompt_logprobs
                 if state.finished:
                     remaining -= 1
                     bar.update(1)
@@ -250,9 +268,9 @@ class AsyncLLM(_Base):
         """Yield a cumulative `RequestOutput` each time any of its samples gets new tokens."""
         self._require(ModelKind.AR, "generate")
         await self.start()
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         request_id = request_id or uuid.uuid4().hex
-        text, ids = encode_prompt(self.tokenizer, prompt)
+        text, ids = await encode_prompt_async(self.tokenizer, prompt)  # off the event loop
         children = child_requests(request_id, ids, params, priority)
         states = self._states(children)
         result = RequestOutput(request_id, text, ids, [s.output for s in states])
@@ -260,7 +278,7 @@ class AsyncLLM(_Base):
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._pump(c, s, queue)) for c, s in zip(children, states)]
         try:
-            remaining = len(tasks)
+            remaining, num_finished = len(tasks), 0
             while remaining:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -268,8 +286,14 @@ class AsyncLLM(_Base):
                 if item is None:
                     remaining -= 1
                     continue
-                result.num_cached_tokens = item.num_cached_tokens
-                result.finished = all(s.finished for s in states)
+                state, delta = item
+                result.num_cached_tokens = state.num_cached_tokens
+                if state.prompt_logprobs is not None:  # child 0's, the only one asking
+                    result.prompt_logprobs = state.prompt_logprobs
+                # Counted from the deltas, not the states (a pump may have folded a later
+                # output already): `finished` is True on the last output yielded, once.
+                num_finished += delta.finish_reason is not None
+                result.finished = num_finished == len(states)
                 yield result
         finally:
             self._children.pop(request_id, None)
@@ -281,9 +305,9 @@ class AsyncLLM(_Base):
         try:
             stream = self.client.generate(child)
             async for out, _ in stream:
-                _delta, _ids, stop_hit = state.update(out)
-                queue.put_nowait(state)
-                if stop_hit:
+                delta = state.update(out)
+                queue.put_nowait((state, delta))
+                if delta.stop_hit:
                     await stream.aclose()  # aborts the request in the engine
                     break
             queue.put_nowait(None)
@@ -326,8 +350,8 @@ class AsyncLLM(_Base):
                    request_id: str | None = None, **chat_template_kwargs: Any
                    ) -> AsyncIterator[RequestOutput]:
         self._require(ModelKind.AR, "chat")
-        async for out in self.generate(self._chat_prompts(messages, chat_template_kwargs)[0],
-                                       sampling_params, request_id):
+        prompts = await off_loop(self._chat_prompts, messages, chat_template_kwargs)
+        async for out in self.generate(prompts[0], sampling_params, request_id):
             yield out
 
     def shutdown(self) -> None:

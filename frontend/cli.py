@@ -3,6 +3,8 @@
     zomni serve    [--model PATH ...] [engine flags] [frontend flags]   engines + workers + HTTP
     zomni engine   [--model PATH] --listen tcp://127.0.0.1:5555 [engine flags]
     zomni frontend --engine tcp://127.0.0.1:5555 [--engine ADDRESS ...] [frontend flags]
+    zomni keys     generate DIR [--client NAME]          CURVE keys (proto/keys.py)
+    zomni --version
 
 `serve` starts one engine per `--model` (an LLM and an image model side by side, say) and one
 frontend that routes each request by its `model`; LLM-only flags then apply to the LLMs only.
@@ -10,11 +12,16 @@ frontend that routes each request by its `model`; LLM-only flags then apply to t
 Engine flags are generated from `EngineConfig`'s fields (`max_num_seqs` → `--max-num-seqs`), so
 a new field gets its flag for free. Flags left out fall back to `ZOMNI_<FIELD>` environment
 variables, then to the defaults.
+
+On SIGINT / SIGTERM, `serve` and `frontend` drain: new requests get 503, those in flight get
+`--drain-timeout-s` to finish, the rest end with an error (a stream: an error event, then
+`data: [DONE]`); then every engine this command started stops, and the command exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import signal
@@ -25,7 +32,7 @@ import typing
 import msgspec
 
 from zomni._process import new_ipc_address
-from zomni.proto import EngineConfig, InvalidRequest, ModelKind, ZomniError
+from zomni.proto import EngineConfig, InvalidRequest, ModelKind, ZomniError, keys
 from zomni.proto.config import LLM_ONLY_FIELDS
 from zomni.proto.model_info import model_kind
 
@@ -52,6 +59,18 @@ _ENGINE_HELP = {
     "online": "pick defaults for requests arriving over time (on for serve and engine)",
     "seed": "engine-wide sampling seed",
     "num_threads": "torch threads per worker (default: all cores)",
+    "step_timeout_s": "seconds an engine step may take before its workers count as hung: the "
+                      "engine then fails every request (HTTP 503) and exits (default: 300)",
+    "drain_timeout_s": "on SIGTERM / SIGINT, seconds requests in flight get to finish (new "
+                       "ones get 503) before the rest end with an error (default: 5); `serve`: "
+                       "its frontend's drain too",
+    "curve_keys_dir": "turn on CURVE for the engine's clients: DIR from `zomni keys generate "
+                      "DIR` (DIR/server.key_secret; with DIR/clients/*.key, only those clients "
+                      "may connect); `serve`: its frontend connects with DIR's keys "
+                      "(default: off)",
+    "step_cache": "image models: the step cache of requests without a `cache`, as JSON, e.g. "
+                  "'{\"type\": \"fbcache\", \"threshold\": 0.08}' or type teacache, option "
+                  "max_consecutive_skips (default: off)",
 }
 
 
@@ -76,24 +95,66 @@ def _add_engine_flags(parser: argparse.ArgumentParser, listen_default: str | Non
     for field in msgspec.structs.fields(EngineConfig):
         if field.name in ("model", "listen"):
             continue
-        flag = "--" + field.name.replace("_", "-")
+        flags = _FLAG_NAMES.get(field.name, ("--" + field.name.replace("_", "-"),))
         kind = _flag_type(hints[field.name])
         help_ = _ENGINE_HELP.get(field.name, field.name)
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                               help=help_)
+            group.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_)
         else:
             if "default" not in help_:
                 help_ += f" (default: {field.default})"
-            group.add_argument(flag, type=kind, default=None, help=help_)
+            group.add_argument(*flags, dest=field.name, type=kind, default=None, help=help_,
+                               metavar="DIR" if field.name.endswith("_dir") else None)
+
+
+# flags named otherwise than their field (the field's own name stays as an alias)
+_FLAG_NAMES = {"curve_keys_dir": ("--curve-keys", "--curve-keys-dir")}
+_CURVE_KEYS_HELP = ("the engines' CURVE keys, laid out as `zomni keys generate` makes them: "
+                    "DIR/server.key (the engine's public key) and this frontend's key pair "
+                    "DIR/clients/NAME.key_secret (none: a fresh one)")
+
+
+def _add_link_flags(parser: argparse.ArgumentParser, standalone: bool) -> None:
+    """How a frontend reaches its engines. `serve` shares --curve-keys and --drain-timeout-s
+    with the engines it starts (engine flags); `frontend` has them on its own."""
+    group = parser.add_argument_group("frontend to engine")
+    if standalone:
+        group.add_argument("--curve-keys", "--curve-keys-dir", dest="curve_keys_dir",
+                           metavar="DIR", help=_CURVE_KEYS_HELP)
+        group.add_argument("--drain-timeout-s", type=float, help="on SIGTERM / SIGINT, "
+                           "seconds requests in flight get to finish (new ones get 503) "
+                           "before the rest end with an error (default 5)")
+    group.add_argument("--curve-client", metavar="NAME", help="the key pair "
+                       "DIR/clients/NAME.key_secret of --curve-keys DIR to connect with "
+                       "(default: the only one there)")
 
 
 def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("HTTP frontend")
     group.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     group.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    group.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* "
-                       "(or set ZOMNI_API_KEY)")
+    group.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every "
+                       "route but /health and /metrics (or set ZOMNI_API_KEY)")
+    group.add_argument("--metrics-require-api-key", action="store_true", default=None,
+                       help="with --api-key, guard /metrics too (by default it stays open "
+                       "to Prometheus scrapers, as in vLLM)")
+    group.add_argument("--max-request-body-mb", type=float, help="largest request body, "
+                       "inflated size of a gzip / deflate body included; beyond: 413 "
+                       "(default 8)")
+    group.add_argument("--header-timeout-s", type=float, help="seconds a connection may "
+                       "take to send a request's headers, counted from its opening or the "
+                       "last response; also how long an idle keep-alive connection stays "
+                       "open (default 15)")
+    group.add_argument("--body-timeout-s", type=float, help="seconds a request's body may "
+                       "take to arrive; beyond: 408 and the connection closes (default 30)")
+    group.add_argument("--rate-limit-rps", type=float, help="requests per second per API "
+                       "key (per client IP without --api-key); beyond: 429 with Retry-After "
+                       "(default 0: no limit)")
+    group.add_argument("--rate-limit-tokens-per-s", type=float, help="prompt + generated "
+                       "tokens per second per API key (per client IP without --api-key), "
+                       "charged as computed; an overdrawn client gets 429 with Retry-After "
+                       "(default 0: no limit)")
     group.add_argument("--served-model-name", action="append", help="the model's name in the "
                        "API (default: its path); once per engine, in the same order")
     group.add_argument("--tokenizer", action="append", help="an LLM's tokenizer directory "
@@ -110,10 +171,12 @@ def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zomni", description="Serve LLMs and image models "
                                      "over HTTP.")
+    parser.add_argument("--version", action="version", version=f"zomni {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="engine core, workers and an HTTP frontend")
     _add_engine_flags(serve, listen_default=None)
     _add_frontend_flags(serve)
+    _add_link_flags(serve, standalone=False)
     engine = sub.add_parser("engine", help="engine core and workers only")
     _add_engine_flags(engine, listen_default=server.DEFAULT_ENGINE_ADDRESS)
     frontend = sub.add_parser("frontend", help="an HTTP frontend for a running engine")
@@ -121,7 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
                           f"{server.DEFAULT_ENGINE_ADDRESS}); repeat it to serve several "
                           "engines' models from one frontend (ZOMNI_ENGINE: comma-separated)")
     _add_frontend_flags(frontend)
+    _add_link_flags(frontend, standalone=True)
+    # Parsed by proto/keys.py itself (see main); listed here for `zomni --help`.
+    sub.add_parser("keys", add_help=False, help="make CURVE keys for the engine's client "
+                   "socket: zomni keys generate DIR [--client NAME]")
     return parser
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("zomni")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _models(args: argparse.Namespace) -> list[str | None]:
@@ -164,7 +238,10 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
 def _frontend_config(args: argparse.Namespace,
                      engines: list[str] | None) -> server.FrontendConfig:
     names = ("host", "port", "api_key", "served_model_name", "tokenizer",
-             "max_inflight_requests", "engine_ready_timeout", "access_log")
+             "max_inflight_requests", "engine_ready_timeout", "access_log",
+             "drain_timeout_s", "curve_keys_dir", "curve_client", "metrics_require_api_key",
+             "max_request_body_mb", "header_timeout_s", "body_timeout_s", "rate_limit_rps",
+             "rate_limit_tokens_per_s")
     return server.FrontendConfig.from_env(engine=engines,
                                           **{n: getattr(args, n) for n in names})
 
@@ -181,6 +258,8 @@ def _serve(args: argparse.Namespace) -> int:
     for cfg in configs:  # addresses first: the frontend config is checked before any start
         cfg.listen = cfg.listen or new_ipc_address("engine")
     frontend_cfg = _frontend_config(args, [cfg.listen for cfg in configs])
+    if frontend_cfg.curve_keys_dir:  # the frontend's key files, checked before any start
+        keys.keys_from_dir(frontend_cfg.curve_keys_dir, frontend_cfg.curve_client)
     processes: list[EngineProcess] = []
     try:
         for cfg in configs:
@@ -217,6 +296,9 @@ def _engine(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:  # a torch-free command with its own parser
+        sys.exit(keys.main(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("ZOMNI_LOG_LEVEL", "INFO"),

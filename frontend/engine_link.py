@@ -10,7 +10,13 @@ An engine is "gone" when it says ENGINE_DEAD, when the ZMQ connection to it drop
 process closes its sockets; the socket monitor sees it at once), or when a local engine
 process exits. The frontend as a whole is healthy only while every link is ready; when any
 engine is gone it answers 503 for that engine, and stops after a grace period (exit code 1) so
-that a supervisor restarts it, as with one engine.
+that a supervisor restarts it, as with one engine. /health also pings every engine: a hung one
+(its loop stopped, or a step overdue) keeps its process and its connection, so only an answer
+shows that it still works.
+
+Shutdown (SIGINT / SIGTERM) drains: new requests get 503, requests in flight run on for up to
+`drain_timeout_s`, then the rest end with EngineDead (a stream: an error event, then
+`data: [DONE]`) and are aborted in their engines. A second signal ends the drain at once.
 
 Routing: a request naming a model goes to the engine serving that name; one naming none goes
 to the only engine of the kind the endpoint needs (LLM or image model), else it is a 400
@@ -23,6 +29,7 @@ import asyncio
 import importlib
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import zmq
 import zmq.asyncio
@@ -41,6 +48,8 @@ from .tokenizer import load_tokenizer
 logger = logging.getLogger("zomni.frontend")
 
 DEATH_GRACE_S = 2.0  # time to answer in-flight requests with 503 before exiting
+# A PONG takes milliseconds: the engine answers pings between steps and while it waits for one.
+HEALTH_PING_TIMEOUT_S = 2.0
 Serving = OpenAIServing | ImageServing
 _KIND_NAMES = {ModelKind.AR: "an LLM", ModelKind.IMAGE: "an image model"}
 _KIND_PLURALS = {ModelKind.AR: "LLMs", ModelKind.IMAGE: "image models"}
@@ -51,7 +60,8 @@ class EngineLink:
 
     def __init__(self, address: str, process: EngineProcess | None, served: str | None,
                  tokenizer: str | None, metrics: Metrics, max_inflight: int,
-                 ready_timeout: float, on_dead: Callable[[EngineLink, str], None]):
+                 ready_timeout: float, on_dead: Callable[[EngineLink, str], None],
+                 curve_keys: tuple[Path, Path | None] | None = None):
         self.address = address
         self.process = process
         self.served = served  # --served-model-name; the model path from READY when None
@@ -61,7 +71,9 @@ class EngineLink:
         self.ready_timeout = ready_timeout
         self.on_dead = on_dead
         self.lost = False
-        self.client = AsyncEngineClient(address, alive=self._alive)
+        server_key, client_key = curve_keys or (None, None)
+        self.client = AsyncEngineClient(address, alive=self._alive, server_key=server_key,
+                                        client_key=client_key)
         self.serving: Serving | None = None
         self.dead_reason: str | None = None
 
@@ -160,14 +172,15 @@ class Engines:
 
     def __init__(self, addresses: list[str], processes: list[EngineProcess | None],
                  served: list[str | None], tokenizers: list[str | None], max_inflight: int,
-                 ready_timeout: float):
+                 ready_timeout: float, curve_keys: tuple[Path, Path | None] | None = None):
         self.metrics = Metrics()
         self.links = [EngineLink(address, process, name, tokenizer, self.metrics, max_inflight,
-                                 ready_timeout, self._on_dead)
+                                 ready_timeout, self._on_dead, curve_keys)
                       for address, process, name, tokenizer
                       in zip(addresses, processes, served, tokenizers)]
-        self.signalled = False
+        self.signalled = False  # a signal started the stop: drain, then exit code 0
         self.stop = asyncio.Event()  # set on SIGINT / SIGTERM, or a grace period after a death
+        self._drain_now = asyncio.Event()  # a second signal
 
     @property
     def dead(self) -> bool:
@@ -188,9 +201,42 @@ class Engines:
             asyncio.get_running_loop().call_later(DEATH_GRACE_S, self.stop.set)
 
     def on_signal(self) -> None:
-        logger.info("stopping on a signal")
+        if self.signalled:
+            logger.info("second signal: ending the requests in flight now")
+            self._drain_now.set()
+            return
+        logger.info("stopping on a signal: refusing new requests, draining those in flight")
         self.signalled = True
         self.stop.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Let the requests in flight finish for up to `timeout` seconds, then end the rest
+        with EngineDead (and refuse any that still come)."""
+        clients = [link.client for link in self.links if link.serving is not None]
+        waits = [asyncio.ensure_future(self._drain_now.wait()),
+                 asyncio.ensure_future(asyncio.gather(*(c.wait_idle() for c in clients)))]
+        done, _ = await asyncio.wait(waits, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+        if waits[1] not in done:
+            logger.info("drain over: ending the requests still in flight")
+        error = EngineDead("the server shut down before this request finished "
+                           f"(drain_timeout_s = {timeout:g})")
+        for client in clients:
+            client.end_requests(error)
+
+    async def check_health(self, timeout: float = HEALTH_PING_TIMEOUT_S) -> None:
+        """Raise EngineDead (a 503) unless the server is up, every engine is ready, and each
+        answers a ping within `timeout` seconds."""
+        if self.signalled:
+            raise EngineDead("the server is shutting down")
+        servings = self.ready_servings()
+        answers = await asyncio.gather(*(s.client.ping(timeout) for s in servings))
+        for link, answered in zip(self.links, answers):
+            if not answered:
+                raise EngineDead(f"the engine at {link.address} did not answer a ping within "
+                                 f"{timeout:g} s")
 
     def ready_servings(self) -> list[Serving]:
         """Every engine's serving object, or a 503 unless all of them are ready."""
@@ -202,6 +248,8 @@ class Engines:
     def route(self, model: str | None, kind: ModelKind, endpoint: str) -> Serving:
         """The serving object for a request to `endpoint` (which needs a model of `kind`)
         naming `model` (or None)."""
+        if self.signalled:
+            raise EngineDead("the server is shutting down: no new requests")
         if model is not None:
             link = next((lk for lk in self.links
                          if lk.serving is not None and model in lk.serving.model_names), None)

@@ -27,14 +27,23 @@ def default_model() -> str:
 
 
 DEMO_MODEL_NAME = "zomni-demo"
+_DEMO_TAIL = ("zomni", "demo_model")  # where the demo sits in any install of the package
 
 
 def served_name(model: str) -> str:
-    """The model's name in the API: its path, or a short name for the bundled demo model."""
-    import zomni
+    """The model's name in the API: its path as given (as vLLM), or `zomni-demo` for the
+    bundled demo model.
 
-    demo = Path(zomni.__file__).parent / "demo_model"
-    return DEMO_MODEL_NAME if Path(model).resolve() == demo.resolve() else model
+    The demo is recognised by where it sits in a zomni package, `.../zomni/demo_model` (as
+    given, or once symlinks are resolved), not by this install's path: the path comes from the
+    engine's READY, and the engine may run from another install (another virtualenv, another
+    machine, where the path need not exist here).
+    """
+    path = Path(model)
+    for candidate in (path, path.resolve()):
+        if candidate.parts[-2:] == _DEMO_TAIL:
+            return DEMO_MODEL_NAME
+    return model
 
 
 def make_config(model: str | None, online_default: bool = False, **kwargs) -> EngineConfig:

@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from zomni.proto import ImageStats, ModelKind, Stats, TokenStats
 
+from .ratelimit import charge_tokens, current_token_meter
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
@@ -122,14 +124,16 @@ class ModelMetrics:
 
 
 class SequenceTimer:
-    """Latencies of one generated sequence, fed to `ModelMetrics` as its outputs arrive."""
+    """Latencies of one generated sequence, fed to `ModelMetrics` as its outputs arrive; its
+    tokens are charged to the client's rate limit (`ratelimit.py`) as they are computed."""
 
-    __slots__ = ("metrics", "arrival", "last", "num_tokens")
+    __slots__ = ("metrics", "arrival", "last", "num_tokens", "meter")
 
     def __init__(self, metrics: ModelMetrics):
         self.metrics = metrics
         self.arrival = self.last = time.monotonic()
         self.num_tokens = 0
+        self.meter = current_token_meter()  # the HTTP request's tokens bucket, if limited
 
     def on_output(self, num_new_tokens: int) -> None:
         if not num_new_tokens:
@@ -141,6 +145,7 @@ class SequenceTimer:
             self.metrics.itl.observe(now - self.last)
         self.last = now
         self.num_tokens += num_new_tokens
+        charge_tokens(self.meter, num_new_tokens)
 
     def finish(self, num_prompt_tokens: int, finish_reason: str | None) -> None:
         """Count the sequence once, whether it completed, was aborted or failed.
@@ -149,6 +154,7 @@ class SequenceTimer:
         """
         self.metrics.finished["abort" if finish_reason is None else finish_reason].inc()
         if self.num_tokens:  # a refused request computed nothing
+            charge_tokens(self.meter, num_prompt_tokens)
             self.metrics.prompt_tokens.inc(num_prompt_tokens)
             self.metrics.generation_tokens.inc(self.num_tokens)
             self.metrics.e2e.observe(self.last - self.arrival)

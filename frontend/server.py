@@ -1,41 +1,44 @@
 """The HTTP frontend: an aiohttp app (on uvloop) speaking OpenAI's API to one or more engines.
 
-    HTTP ─► middleware (X-Request-ID, API key, errors as OpenAI JSON) ─► handler
+    HTTP ─► http_guard.py (limits, API key, rate limits, errors as OpenAI JSON) ─► handler
             ─► Engines.route(model) ─► OpenAIServing (serving.py, LLMs)
                                        ImageServing (image_serving.py, image models)
             ─► AsyncEngineClient ─DEALER─► that model's engine core
 
 Each engine's life, and what the frontend does when one is gone, is in `engine_link.py`:
-/health is 200 only while every engine is ready; an engine that dies gets 503s, and the
-frontend exits with code 1 after a grace period. SIGINT / SIGTERM stop it with exit code 0.
+/health is 200 only while every engine is ready and answers a ping; an engine that dies gets
+503s, and the frontend exits with code 1 after a grace period. SIGINT / SIGTERM drain it (new
+requests 503, those in flight get `drain_timeout_s` to finish) and stop it with exit code 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import importlib.metadata
 import logging
+import math
 import os
 import signal
 import time
-import uuid
 
 import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from zomni.proto import EngineDead, InvalidRequest, ModelKind, ZomniError
+from zomni.proto import InvalidRequest, ModelKind, ZomniError
 from zomni.proto.config import from_env
+from zomni.proto.keys import keys_from_dir
 
 from . import openai_protocol as oai
 from .engine_link import Engines
+from .http_guard import REQUEST_ID, AppRunner, make_middleware, on_response_prepare, runner_kwargs
 from .image_protocol import ImageGenerationRequest
 from .launch import EngineProcess
 from .metrics import flat_stats
-from .serving import error_response, json_response
-from .tokenizer import apply_chat_template
+from .ratelimit import RateLimiter
+from .serving import json_response
+from .tokenizer import apply_chat_template_async, decode_async, encode_text_async
 
 logger = logging.getLogger("zomni.frontend")
 
@@ -55,12 +58,31 @@ class FrontendConfig(msgspec.Struct, kw_only=True):
     engine: list[str] = msgspec.field(default_factory=lambda: [DEFAULT_ENGINE_ADDRESS])
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
+    # when set, every route but /health (and /metrics, unless metrics_require_api_key) needs
+    # `Authorization: Bearer <key>`
+    api_key: str | None = None
+    metrics_require_api_key: bool = False
     served_model_name: list[str] | None = None  # each model's API name; its path if unset
     tokenizer: list[str] | None = None  # an LLM's tokenizer; READY's model path if unset / ""
     max_inflight_requests: int = 1024  # engine requests in flight per engine; beyond: 429
     engine_ready_timeout: float = 600.0  # seconds to wait for the engines' READY
     access_log: bool = False
+    # On SIGINT / SIGTERM: seconds requests in flight get to finish (new ones get 503) before
+    # the rest end with an error; as EngineConfig.drain_timeout_s, which `serve` sets too.
+    drain_timeout_s: float = 5.0
+    # The engines' CURVE keys: DIR/server.key and this frontend's DIR/clients/NAME.key_secret
+    # (NAME: curve_client, else the only one there; none: a fresh key pair).
+    curve_keys_dir: str | None = None
+    curve_client: str | None = None
+    # HTTP limits (http_guard.py): a body over max_request_body_mb (inflated, if compressed)
+    # is a 413, one slower than body_timeout_s a 408; a connection whose request headers
+    # have not come header_timeout_s after it opened or after the last response is closed.
+    max_request_body_mb: float = 8.0
+    header_timeout_s: float = 15.0
+    body_timeout_s: float = 30.0
+    # per API key (per client IP without one); 0: no limit. Beyond: 429 with Retry-After.
+    rate_limit_rps: float = 0.0
+    rate_limit_tokens_per_s: float = 0.0  # prompt + generated tokens
 
     def __post_init__(self) -> None:
         for name in _LIST_FIELDS:  # FrontendConfig(engine="tcp://...") still works
@@ -81,6 +103,14 @@ class FrontendConfig(msgspec.Struct, kw_only=True):
                              f"({len(self.engine)})")
         if self.max_inflight_requests < 1:
             raise ValueError("max_inflight_requests must be at least 1")
+        if not (math.isfinite(self.drain_timeout_s) and self.drain_timeout_s >= 0):
+            raise ValueError("drain_timeout_s must be a non-negative number of seconds")
+        for name in ("max_request_body_mb", "header_timeout_s", "body_timeout_s"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive number")
+        for name in ("rate_limit_rps", "rate_limit_tokens_per_s"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a non-negative number (0: no limit)")
 
     def per_engine(self, name: str) -> list[str | None]:
         """A list field's entry for each engine (None where not given)."""
@@ -111,19 +141,19 @@ def _engines(request: web.Request) -> Engines:
 async def completions(request: web.Request) -> web.StreamResponse:
     body = oai.decode_body(await request.read(), oai.CompletionRequest)
     serving = _engines(request).route(body.model, ModelKind.AR, "/v1/completions")
-    return await serving.completions(body, request["request_id"], request)
+    return await serving.completions(body, request[REQUEST_ID], request)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = oai.decode_body(await request.read(), oai.ChatCompletionRequest)
     serving = _engines(request).route(body.model, ModelKind.AR, "/v1/chat/completions")
-    return await serving.chat(body, request["request_id"], request)
+    return await serving.chat(body, request[REQUEST_ID], request)
 
 
 async def image_generations(request: web.Request) -> web.Response:
     body = oai.decode_body(await request.read(), ImageGenerationRequest)
     serving = _engines(request).route(body.model, ModelKind.IMAGE, "/v1/images/generations")
-    return json_response(await serving.generations(body, request["request_id"]))
+    return json_response(await serving.generations(body, request[REQUEST_ID]))
 
 
 async def models(request: web.Request) -> web.Response:
@@ -134,8 +164,22 @@ async def models(request: web.Request) -> web.Response:
         for serving in _engines(request).ready_servings() for name in serving.model_names]})
 
 
+async def model(request: web.Request) -> web.Response:
+    """One model's card (OpenAI's retrieve-model); a 404 for a name no engine serves. The
+    name may be a path (slashes and all): the route takes the rest of the URL."""
+    name, engines = request.match_info["model"], _engines(request)
+    for serving in engines.ready_servings():
+        if name in serving.model_names:
+            return json_response(oai.model_card(
+                name, serving.info.model, getattr(serving.info.details, "max_model_len", None),
+                int(time.time())))
+    return json_response(oai.error_body(f"the model {name!r} does not exist; this server "
+                                        f"serves {engines.names()}", "invalid_request_error",
+                                        404, "model"), 404)
+
+
 async def health(request: web.Request) -> web.Response:
-    _engines(request).ready_servings()
+    await _engines(request).check_health()  # a 503 naming the reason unless all is well
     return web.Response()
 
 
@@ -173,20 +217,24 @@ async def tokenize(request: web.Request) -> web.Response:
     serving = _engines(request).route(body.model, ModelKind.AR, "/tokenize")
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequest("give exactly one of prompt and messages", param="prompt")
+    max_model_len = serving.info.details.max_model_len
     if body.messages is not None:
-        ids = apply_chat_template(serving.tokenizer, [m.for_template() for m in body.messages],
-                                  add_generation_prompt=body.add_generation_prompt)
+        ids = await apply_chat_template_async(
+            serving.tokenizer, [m.for_template() for m in body.messages],
+            body.add_generation_prompt, max_model_len=max_model_len)
     else:
-        ids = serving.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-    return json_response({"count": len(ids),
-                          "max_model_len": serving.info.details.max_model_len,
-                          "tokens": ids})
+        ids = await encode_text_async(serving.tokenizer, body.prompt, body.add_special_tokens,
+                                      max_model_len)
+    return json_response({"count": len(ids), "max_model_len": max_model_len, "tokens": ids})
 
 
 async def detokenize(request: web.Request) -> web.Response:
     body = oai.decode_body(await request.read(), oai.DetokenizeRequest)
     serving = _engines(request).route(body.model, ModelKind.AR, "/detokenize")
-    return json_response({"prompt": serving.tokenizer.decode(body.tokens)})
+    vocab = serving.info.details.vocab_size
+    if body.tokens and not 0 <= min(body.tokens) <= max(body.tokens) < vocab:
+        raise InvalidRequest(f"tokens must be token ids in [0, {vocab})", param="tokens")
+    return json_response({"prompt": await decode_async(serving.tokenizer, body.tokens)})
 
 
 async def version(request: web.Request) -> web.Response:
@@ -200,55 +248,18 @@ async def version(request: web.Request) -> web.Response:
 # ---- app --------------------------------------------------------------------------------------
 
 
-def _authorized(request: web.Request, api_key: str | None) -> bool:
-    # As vLLM: only the OpenAI routes need the key; /health and /metrics stay open to probes.
-    if api_key is None or not request.path.startswith("/v1"):
-        return True
-    given = request.headers.get("Authorization", "")
-    return hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
-
-
-def _middleware(api_key: str | None):
-    @web.middleware
-    async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
-        """Request ids, the API key, and every error as OpenAI's error JSON."""
-        request["request_id"] = request.headers.get("X-Request-ID") or uuid.uuid4().hex
-        if not _authorized(request, api_key):
-            return json_response(oai.error_body("missing or wrong API key (send "
-                                                "'Authorization: Bearer <key>')",
-                                                "authentication_error", 401), 401)
-        try:
-            return await handler(request)
-        except ZomniError as e:
-            return error_response(e)
-        except asyncio.TimeoutError:
-            return error_response(EngineDead("the engine did not answer in time"))
-        except web.HTTPException as e:  # unknown route, wrong method
-            return json_response(oai.error_body(e.reason, "invalid_request_error", e.status),
-                                 e.status)
-        except Exception:
-            logger.exception("request %s failed", request["request_id"])
-            return json_response(oai.error_body("internal server error", "internal_error",
-                                                500), 500)
-
-    return openai_errors
-
-
-async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    # Runs for every response, streamed ones included, just before its headers go out.
-    response.headers["X-Request-ID"] = request.get("request_id") or uuid.uuid4().hex
-
-
-def build_app(engines: Engines, api_key: str | None) -> web.Application:
-    app = web.Application(middlewares=[_middleware(api_key)],
-                          client_max_size=64 * 1024 * 1024)
+def build_app(engines: Engines, config: FrontendConfig) -> web.Application:
+    limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_tokens_per_s)
+    app = web.Application(middlewares=[make_middleware(config, limiter)],
+                          client_max_size=int(config.max_request_body_mb * 2**20))
     app[_ENGINES] = engines
-    app.on_response_prepare.append(_add_request_id)
+    app.on_response_prepare.append(on_response_prepare)
     app.add_routes([
         web.post("/v1/completions", completions),
         web.post("/v1/chat/completions", chat_completions),
         web.post("/v1/images/generations", image_generations),
         web.get("/v1/models", models),
+        web.get("/v1/models/{model:.+}", model),
         web.get("/health", health),
         web.get("/stats", stats),
         web.get("/metrics", metrics),
@@ -261,14 +272,16 @@ def build_app(engines: Engines, api_key: str | None) -> web.Application:
 
 async def serve(config: FrontendConfig,
                 processes: list[EngineProcess | None] | None = None) -> int:
-    """Serve HTTP until a signal (exit code 0) or an engine's death (exit code 1).
-    `processes[i]` is the local process of engine i, if this frontend started it."""
+    """Serve HTTP until a signal (a drain, then exit code 0) or an engine's death (exit code
+    1). `processes[i]` is the local process of engine i, if this frontend started it."""
+    curve_keys = keys_from_dir(config.curve_keys_dir, config.curve_client) \
+        if config.curve_keys_dir else None
     engines = Engines(config.engine, processes or [None] * len(config.engine),
                       config.per_engine("served_model_name"), config.per_engine("tokenizer"),
-                      config.max_inflight_requests, config.engine_ready_timeout)
-    runner = web.AppRunner(build_app(engines, config.api_key), handler_cancellation=True,
-                           shutdown_timeout=1.0, access_log=logging.getLogger("aiohttp.access")
-                           if config.access_log else None)
+                      config.max_inflight_requests, config.engine_ready_timeout, curve_keys)
+    runner = AppRunner(build_app(engines, config), handler_cancellation=True,
+                       shutdown_timeout=1.0, access_log=logging.getLogger("aiohttp.access")
+                       if config.access_log else None, **runner_kwargs(config))
     await runner.setup()
     await web.TCPSite(runner, config.host, config.port).start()
     loop = asyncio.get_running_loop()
@@ -279,6 +292,8 @@ async def serve(config: FrontendConfig,
                 ", ".join(config.engine))
     try:
         await engines.stop.wait()
+        if engines.signalled:  # the listener stays open meanwhile: late requests get a 503
+            await engines.drain(config.drain_timeout_s)
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):

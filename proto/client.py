@@ -14,7 +14,11 @@ their unfinished requests and abort them on `close()`, so an engine draining for
 does not wait for requests nobody reads. For an engine with CURVE on (`curve_keys_dir`), pass
 `server_key` (the server's public key: z85 text, its server.key file, or the keys directory)
 and optionally `client_key` (a NAME.key_secret file; a fresh key pair otherwise): see
-`keys.py`. Without the right server key the engine never answers, and `connect` times out.
+`keys.py` (its `keys_from_dir` finds both in a directory laid out as `zomni keys generate` makes
+it). A handshake the engine refuses (no keys for a CURVE engine, keys for a plain one, a
+client key it does not list) fails `connect` at once with an EngineDead saying which
+(`handshakes.py`): ZMQ would
+otherwise retry the handshake forever and no message would ever arrive.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import zmq
 
 from .codec import SCHEMA_HASH, decode, encode
 from .errors import EngineDead, InvalidRequest, ProtocolMismatch, ZomniError, error_from_wire
+from .handshakes import HandshakeWatch
 from .keys import apply_client
 from .messages import (
     PROTOCOL_VERSION,
@@ -49,14 +54,15 @@ KeySource = str | bytes | os.PathLike
 
 
 def _new_socket(ctx: zmq.Context, address: str, server_key: KeySource | None = None,
-                client_key: KeySource | None = None) -> zmq.Socket:
+                client_key: KeySource | None = None) -> tuple[zmq.Socket, HandshakeWatch]:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, f"client-{uuid.uuid4().hex}".encode())
     sock.setsockopt(zmq.LINGER, 0)
     if server_key is not None:
         apply_client(sock, server_key, client_key)
+    handshakes = HandshakeWatch(sock, address, curve=server_key is not None)  # before connect
     sock.connect(address)
-    return sock
+    return sock, handshakes
 
 
 def _close_aborting(sock: zmq.Socket, request_ids: list[str]) -> None:
@@ -92,7 +98,7 @@ class EngineClient:
     def __init__(self, address: str, alive: Callable[[], bool] | None = None,
                  server_key: KeySource | None = None, client_key: KeySource | None = None):
         self.ctx = zmq.Context()
-        self.socket = _new_socket(self.ctx, address, server_key, client_key)
+        self.socket, self._handshakes = _new_socket(self.ctx, address, server_key, client_key)
         self.alive = alive or (lambda: True)
         self.ready: Ready | None = None
         self.open: set[str] = set()  # ids sent and not finished yet
@@ -104,7 +110,9 @@ class EngineClient:
             got = self.recv(timeout_ms=200)
             if got is not None:
                 self.ready = _check_ready(*got[:2])
+                self._handshakes.close()
                 return self.ready
+            self._handshakes.check()
             if time.monotonic() > deadline:
                 raise EngineDead(f"engine not ready after {timeout:.0f} s")
 
@@ -145,6 +153,7 @@ class EngineClient:
         self.socket.send_multipart(encode(msg_type, msg))
 
     def close(self) -> None:
+        self._handshakes.close()
         _close_aborting(self.socket, sorted(self.open))
         self.open.clear()
         self.ctx.term()
@@ -161,7 +170,7 @@ class AsyncEngineClient:
     def __init__(self, address: str, alive: Callable[[], bool] | None = None,
                  server_key: KeySource | None = None, client_key: KeySource | None = None):
         self.ctx = zmq.Context()
-        self.socket = _new_socket(self.ctx, address, server_key, client_key)
+        self.socket, self._handshakes = _new_socket(self.ctx, address, server_key, client_key)
         # Unbounded, so a send never blocks the loop; requests in flight are bounded upstream.
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.alive = alive or (lambda: True)
@@ -173,6 +182,10 @@ class AsyncEngineClient:
         self._hello: asyncio.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._ping: asyncio.Task | None = None  # the one PING on the wire, if any
+        self._refusal: ZomniError | None = None  # set by end_requests
+        self._idle = asyncio.Event()  # no request in flight
+        self._idle.set()
 
     async def connect(self, timeout: float = 600.0, client_name: str = "") -> Ready:
         self._loop = asyncio.get_running_loop()
@@ -188,20 +201,23 @@ class AsyncEngineClient:
             except asyncio.TimeoutError:
                 if not self.alive():
                     raise EngineDead("the engine process exited before it was ready") from None
+                self._handshakes.check()
                 if time.monotonic() > deadline:
                     raise EngineDead(f"engine not ready after {timeout:.0f} s") from None
+        self._handshakes.close()
         self._watchdog = self._loop.call_later(1.0, self._check_alive)
         return self.ready
 
     async def generate(self, request: Request) -> AsyncIterator[tuple[Output, list]]:
         """Yield (output, its message's extra frames) until the request finishes; abort it if
         the caller stops early."""
-        if self.dead:
-            raise self.dead
+        if self.dead or self._refusal:
+            raise self.dead or self._refusal
         if request.request_id in self._queues:
             raise ZomniError(f"request id {request.request_id!r} is already in flight")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request.request_id] = queue
+        self._idle.clear()
         finished = False
         try:
             await self._send(MsgType.REQUEST, request)
@@ -216,6 +232,8 @@ class AsyncEngineClient:
                 yield item
         finally:
             self._queues.pop(request.request_id, None)
+            if not self._queues:
+                self._idle.set()
             if not finished and not self.dead:
                 await self.abort([request.request_id])
 
@@ -229,13 +247,37 @@ class AsyncEngineClient:
     async def ping(self, timeout: float = 5.0) -> bool:
         """True when the engine answers PONG within `timeout`: its loop runs and no step is
         overdue. False when it does not, is dead, or is shutting down (it answers an
-        EngineDead ERROR then)."""
+        EngineDead ERROR then).
+
+        Pings at the same time share one PING on the wire, and a new PING goes out only once
+        the last one is answered: each PONG then answers the PING outstanding, never a later
+        one (a late PONG must not pass for a fresh answer from an engine hung since)."""
+        if self._ping is None or self._ping.done():
+            self._ping = asyncio.ensure_future(self._ping_once())
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._ping), timeout)
+        except asyncio.TimeoutError:
+            return False
+
+    async def _ping_once(self) -> bool:
         try:
             await self._send(MsgType.PING, Empty())
-            await asyncio.wait_for(self._reply(MsgType.PONG), timeout)
-        except (asyncio.TimeoutError, ZomniError):
+            await self._reply(MsgType.PONG)
+        except ZomniError:
             return False
         return True
+
+    def end_requests(self, error: ZomniError) -> None:
+        """End every request in flight with `error` (each stream raises it, and aborts its
+        request in the engine as it closes), and refuse new ones with it: how a frontend's
+        drain ends what did not finish in time."""
+        self._refusal = error
+        for queue in self._queues.values():
+            queue.put_nowait(error)
+
+    async def wait_idle(self) -> None:
+        """Return once no request of this client is in flight."""
+        await self._idle.wait()
 
     async def _reply(self, msg_type: MsgType):
         got = await self._replies[msg_type].get()
@@ -301,8 +343,11 @@ class AsyncEngineClient:
         self._loop.call_soon(self._drain)
 
     def close(self) -> None:
+        self._handshakes.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._ping is not None:
+            self._ping.cancel()
         if self._loop is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop may be gone with its thread
                 self._loop.remove_reader(self.socket.getsockopt(zmq.FD))

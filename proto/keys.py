@@ -16,7 +16,8 @@ only clients whose public key is in it (checked by a ZAP handler, `zmq.auth`). A
 without the right server key gets no answer at all: the handshake fails before any message.
 Clients: `EngineClient(address, server_key=...)` takes the server's public key (z85 text,
 the server.key file, or DIR); their own key pair is made on the fly unless `client_key` names
-a NAME.key_secret file.
+a NAME.key_secret file. `keys_from_dir(DIR)` picks both from a client's copy of DIR (what
+`zomni frontend --curve-keys DIR` does).
 """
 
 from __future__ import annotations
@@ -98,6 +99,33 @@ def client_key_pair(value: str | os.PathLike | None) -> tuple[bytes, bytes]:
         raise InvalidRequest(f"{str(value)!r} holds no secret key (give NAME.key_secret)",
                              param="client_key")
     return public, secret
+
+
+def keys_from_dir(directory: str | os.PathLike,
+                  client: str | None = None) -> tuple[Path, Path | None]:
+    """(server public key file, client secret key file or None) from a keys directory laid
+    out as `zomni keys generate` makes it: DIR/server.key, DIR/clients/NAME.key_secret.
+
+    The client key pair is `client`'s, else the only one in DIR/clients/; None (a fresh pair
+    per connection) when there is none, which an engine without DIR/clients/ admits."""
+    folder = Path(directory)
+    server = folder / f"{SERVER}.key"
+    if not server.is_file():
+        raise InvalidRequest(f"no {server.name} in {str(folder)!r}: copy the engine's there "
+                             "(`zomni keys generate DIR` makes it)", param="curve_keys_dir")
+    secrets = sorted((folder / CLIENTS_DIR).glob("*.key_secret"))
+    if client is not None:
+        secret = folder / CLIENTS_DIR / f"{client}.key_secret"
+        if not secret.is_file():
+            raise InvalidRequest(f"no client key pair {client!r} in {str(folder)!r} (make it "
+                                 f"with `zomni keys generate DIR --client {client}`)",
+                                 param="curve_client")
+        return server, secret
+    if len(secrets) > 1:
+        names = ", ".join(s.name[:-len(".key_secret")] for s in secrets)
+        raise InvalidRequest(f"{str(folder / CLIENTS_DIR)!r} holds several client key pairs "
+                             f"({names}): name one (--curve-client NAME)", param="curve_client")
+    return server, (secrets[0] if secrets else None)
 
 
 def apply_server(sock: zmq.Socket, directory: str):

@@ -61,7 +61,11 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
             # and a NaN logit wins the argmax even over a token banned by min_tokens.
             _check(_finite_float32(value) and low <= value <= high, name,
                    f"{name} must be a finite number in {shown}, got {str(value)[:24]}")
-        _check(self.n >= 1, "n", f"n must be at least 1, got {self.n}")
+        _check(1 <= self.n <= MAX_N, "n", f"n must be in [1, {MAX_N}], got {self.n}")
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            _check(value is None or len(value) <= MAX_STOP, name,
+                   f"{name} may list at most {MAX_STOP} entries, got {len(value or ())}")
         _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens",
                f"max_tokens must be at least 1, got {self.max_tokens}")
         _check(self.min_tokens >= 0, "min_tokens",
@@ -85,6 +89,10 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
         return self.temperature < 1e-5 or self.top_k == 1
 
 
+MAX_N = 128  # OpenAI's bound on `n`; `best_of` has the same
+# Stop strings and stop token ids are each checked against every generated token (in the
+# frontend's event loop, in the engine's step): a long list slows every other request.
+MAX_STOP = 256
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _FLOAT32_MAX = 3.4028234663852886e38
 _INT_FIELDS = ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs")

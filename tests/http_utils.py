@@ -139,17 +139,18 @@ def http(method: str, url: str, body: bytes | dict | None = None,
         return 0, {}, b""
 
 
-def engine_stats(base_url: str) -> dict:
-    status, _, body = http("GET", base_url + "/stats")
+def engine_stats(base_url: str, api_key: str | None = None) -> dict:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    status, _, body = http("GET", base_url + "/stats", headers=headers)
     assert status == 200, body
     return json.loads(body)
 
 
-def wait_idle(base_url: str, timeout: float = 20.0) -> dict:
+def wait_idle(base_url: str, timeout: float = 20.0, api_key: str | None = None) -> dict:
     """Poll /stats until the engine runs and queues nothing; returns the last stats."""
     deadline = time.monotonic() + timeout
     while True:
-        stats = engine_stats(base_url)
+        stats = engine_stats(base_url, api_key)
         if stats["num_running"] == 0 and stats["num_waiting"] == 0 \
                 or time.monotonic() > deadline:
             return stats

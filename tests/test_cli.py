@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
+import pytest
 from http_utils import Proc, scripted_model, zomni_cmd
 
 from zomni._process import free_port
 from zomni.frontend import cli
 from zomni.frontend.launch import make_config
+from zomni.proto import InvalidRequest
+from zomni.proto.keys import generate, keys_from_dir
 from zomni.workers.device import default_block_size, default_max_num_batched_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,3 +84,46 @@ def test_profile_steps_script_reports_each_part(llama_dir):
     for line in ("decode-only steps: 4 steps", "steps with prompt tokens:", "gemm", "attention",
                  "layer ops", "sampler", "rest"):
         assert line in out.stdout, out.stdout
+
+
+def test_version_keys_command_and_fault_flags_have_help(capsys):
+    for argv in (["--version"], ["serve", "--help"], ["frontend", "--help"], ["keys", "--help"]):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert f"zomni {importlib.metadata.version('zomni')}" in out
+    serve_help, frontend_help = out.split("usage: zomni serve")[1].split("usage: zomni frontend")
+    for flag, words in [("--step-timeout-s", "count as hung"),
+                        ("--drain-timeout-s", "seconds requests in flight get to finish"),
+                        ("--curve-keys DIR", "zomni keys generate"), ("--curve-client", "")]:
+        entry = serve_help.split("\n  " + flag, 1)[1][:400]  # its line under "options"
+        assert words in " ".join(entry.split())
+    for flag in ("--drain-timeout-s", "--curve-keys DIR", "--curve-client"):
+        assert "\n  " + flag in frontend_help
+    assert "usage: zomni keys" in out and "generate" in out
+
+
+def test_serve_gives_its_keys_and_drain_timeout_to_engines_and_frontend(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    keys_dir = tmp_path / "keys"
+    generate(keys_dir)
+    generate(keys_dir, client="web")
+    parser = cli.build_parser()
+    args = parser.parse_args(["serve", str(tmp_path / "model"), "--curve-keys", str(keys_dir),
+                              "--drain-timeout-s", "7"])
+    [engine] = cli._engine_configs(args)
+    frontend = cli._frontend_config(args, [engine.listen])
+    assert engine.curve_keys_dir == frontend.curve_keys_dir == str(keys_dir)
+    assert engine.drain_timeout_s == frontend.drain_timeout_s == 7.0
+    assert keys_from_dir(frontend.curve_keys_dir) == (
+        keys_dir / "server.key", keys_dir / "clients" / "web.key_secret")
+    args = parser.parse_args(["frontend", "--curve-keys", str(keys_dir), "--curve-client",
+                              "web", "--drain-timeout", "3"])  # a prefix is enough
+    frontend = cli._frontend_config(args, None)
+    assert (frontend.curve_keys_dir, frontend.curve_client, frontend.drain_timeout_s) == (
+        str(keys_dir), "web", 3.0)
+    generate(keys_dir, client="other")
+    with pytest.raises(InvalidRequest, match="several client key pairs"):
+        keys_from_dir(keys_dir)

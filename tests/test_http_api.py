@@ -43,10 +43,12 @@ def aclient(server):
     return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
 
 
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
 def post(server, path, body, **headers):
     status, hdrs, data = http("POST", server.url + path, body,
-                              {"Authorization": f"Bearer {KEY}",
-                               "Content-Type": "application/json", **headers})
+                              {**AUTH, "Content-Type": "application/json", **headers})
     return status, hdrs, json.loads(data) if data else None
 
 
@@ -56,7 +58,8 @@ def post(server, path, body, **headers):
 def test_models_health_version(server, client):
     assert [m.id for m in client.models.list().data] == [server.model]
     assert http("GET", server.url + "/health")[0] == 200  # probes need no API key
-    status, headers, body = http("GET", server.url + "/version")
+    assert http("GET", server.url + "/version")[0] == 401  # everything else does
+    status, headers, body = http("GET", server.url + "/version", headers=AUTH)
     assert status == 200 and json.loads(body)["version"]
     assert len(headers["X-Request-ID"]) == 32  # generated when the client sends none
 
@@ -119,16 +122,18 @@ def test_completion_logprobs_and_echo(server, client):
                                     temperature=0, logprobs=2, echo=True)
     choice = out.choices[0]
     assert choice.text == "Go:\n" + SCRIPT_TEXT
-    lp = choice.logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == out.usage.completion_tokens
-    assert lp.token_logprobs[0] > -0.01 and lp.tokens[0] == "H"  # the scripted token is certain
-    assert all(1 <= len(top) <= 3 for top in lp.top_logprobs)
-    assert lp.text_offset[0] == len("Go:\n")
+    lp = choice.logprobs  # with echo: the prompt's tokens, then the completion's
+    n_prompt = out.usage.prompt_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == n_prompt + out.usage.completion_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # no context yet
+    assert lp.token_logprobs[n_prompt] > -0.01 and lp.tokens[n_prompt] == "H"  # certain
+    assert all(1 <= len(top) <= 3 for top in lp.top_logprobs[1:])
+    assert lp.text_offset[0] == 0 and lp.text_offset[n_prompt] == len("Go:\n")
 
 
 @pytest.mark.parametrize("stop, expected", [("語🙂", "Hé日"), (" fox", "Hé日語🙂 brown")])
 def test_stop_string_across_tokens_ends_request(server, client, stop, expected):
-    before = engine_stats(server.url)["generation_tokens_total"]
+    before = engine_stats(server.url, KEY)["generation_tokens_total"]
     # ignore_eos: without the abort the engine would generate all 2000 tokens.
     common = dict(model=server.model, prompt=server.prompt, max_tokens=2000, temperature=0,
                   stop=[stop], extra_body={"ignore_eos": True})
@@ -138,7 +143,7 @@ def test_stop_string_across_tokens_ends_request(server, client, stop, expected):
     chunks = list(client.completions.create(stream=True, **common))
     assert "".join(c.choices[0].text for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
-    stats = wait_idle(server.url)
+    stats = wait_idle(server.url, api_key=KEY)
     assert stats["num_running"] == 0
     assert stats["generation_tokens_total"] - before < 1000
 
@@ -286,10 +291,10 @@ def test_request_id_is_returned(server, client):
 
 
 def test_stats_and_metrics(server):
-    stats = engine_stats(server.url)
+    stats = engine_stats(server.url, KEY)
     assert {"num_waiting", "num_running", "kv_usage", "generation_tokens_per_s"} <= set(stats)
     assert stats["generation_tokens_total"] > 0
-    status, headers, body = http("GET", server.url + "/metrics")
+    status, headers, body = http("GET", server.url + "/metrics")  # its own flag guards it
     text = body.decode()
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     for name in ("zomni:time_to_first_token_seconds_count", "zomni:inter_token_latency_seconds",
@@ -312,24 +317,24 @@ def _long(server):
 
 
 def test_disconnect_mid_stream_aborts(server, client):
-    before = engine_stats(server.url)["generation_tokens_total"]
+    before = engine_stats(server.url, KEY)["generation_tokens_total"]
     stream = client.completions.create(stream=True, **_long(server))
     for _, _chunk in zip(range(3), stream):
         pass
-    assert engine_stats(server.url)["num_running"] == 1
+    assert engine_stats(server.url, KEY)["num_running"] == 1
     stream.close()
-    stats = wait_idle(server.url)
+    stats = wait_idle(server.url, api_key=KEY)
     assert stats["num_running"] == 0
     assert stats["generation_tokens_total"] - before < 3000
 
 
 def test_disconnect_mid_request_aborts(server):
-    before = engine_stats(server.url)["generation_tokens_total"]
+    before = engine_stats(server.url, KEY)["generation_tokens_total"]
     impatient = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0,
                               timeout=1.0)
     with pytest.raises(openai.APITimeoutError):
         impatient.completions.create(**_long(server))
-    stats = wait_idle(server.url)
+    stats = wait_idle(server.url, api_key=KEY)
     assert stats["num_running"] == 0
     assert stats["generation_tokens_total"] - before < 3000
 
@@ -349,9 +354,9 @@ def test_engine_killed_under_load(server, aclient):
         for s in streams:
             await s.__anext__()
         deadline = time.monotonic() + 20
-        while engine_stats(server.url)["num_running"] < 6 and time.monotonic() < deadline:
+        while engine_stats(server.url, KEY)["num_running"] < 6 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        assert engine_stats(server.url)["num_running"] == 6
+        assert engine_stats(server.url, KEY)["num_running"] == 6
         engine.send_signal(signal.SIGKILL)
         results = await asyncio.gather(*calls, return_exceptions=True)
         for s in streams:  # the stream ends with an error event

@@ -109,8 +109,16 @@ def test_engine_queue_full_is_429(cluster):
 def test_frontend_inflight_bound_is_429(cluster):
     client = openai.OpenAI(base_url=cluster.frontends[1].base_url + "/v1", api_key="x",
                            max_retries=0)
-    with pytest.raises(openai.RateLimitError, match="max-inflight-requests"):
+    # More sequences than may ever be in flight: a 400, since retrying cannot help.
+    with pytest.raises(openai.BadRequestError, match="max-inflight-requests"):
         client.completions.create(model=cluster.model, prompt="x", n=5, max_tokens=2)
+    stream = client.completions.create(model=cluster.model, prompt="x", n=4, max_tokens=2000,
+                                       stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))  # 4 in flight: one more must wait
+    with pytest.raises(openai.RateLimitError, match="max-inflight-requests"):
+        client.completions.create(model=cluster.model, prompt="x", max_tokens=2)
+    stream.close()
+    wait_idle(cluster.frontends[1].base_url)
     assert client.completions.create(model=cluster.model, prompt="x", n=4, max_tokens=2)
 
 

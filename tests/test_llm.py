@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 import pytest
 from reference import assert_greedy_match
 
@@ -130,6 +131,26 @@ def test_chat(llama_llm):
     expected = getattr(expected, "input_ids", expected)
     assert out.prompt_token_ids == list(expected)
     assert len(out.outputs[0].token_ids) == 5
+
+
+@pytest.mark.parametrize("kw, param", [
+    (dict(temperature=1e39), "temperature"),  # finite in float64, inf in the sampler's float32
+    (dict(top_p=float("nan")), "top_p"),
+    (dict(n=129), "n"),
+    (dict(stop=["x"] * 257), "stop"),
+    (dict(stop_token_ids=[1] * 257), "stop_token_ids"),
+    (dict(seed=2**63), "seed"),
+])
+def test_sampling_params_bounds_hold_at_every_door(kw, param):
+    """The same checks run for Python callers and for bytes off ZMQ (msgspec runs
+    `__post_init__` on decode)."""
+    with pytest.raises(InvalidRequest) as e:
+        SamplingParams(**kw)
+    assert e.value.param == param
+    fields = msgspec.structs.asdict(SamplingParams()) | kw  # the wire form is an array
+    raw = msgspec.msgpack.encode(list(fields.values()))
+    with pytest.raises(msgspec.ValidationError, match=f"^{param} "):
+        msgspec.msgpack.decode(raw, type=SamplingParams)
 
 
 def test_bad_requests_raise_typed_errors(llama_llm):
