@@ -50,6 +50,7 @@ from zomni.proto import (
     StepCacheParams,
     ZomniError,
 )
+from zomni.proto.sampling import partial_image_steps
 
 from .request import RequestStatus
 from .request_queue import RequestQueue
@@ -176,7 +177,8 @@ class DenoiseScheduler:
             request_id=req.request_id, prompt=req.prompt, negative_prompt=p.negative_prompt,
             class_labels=req.class_labels, num_images=num_images, height=height, width=width,
             num_steps=p.num_inference_steps or m.default_num_steps, guidance_scale=guidance,
-            seed=seed, cache=cache if cache is not None and cache.enabled else None)
+            seed=seed, cache=cache if cache is not None and cache.enabled else None,
+            partial_images=p.partial_images)
 
     def abort_requests(self, request_ids: Sequence[str]) -> Outputs:
         outputs: Outputs = defaultdict(list)
@@ -287,8 +289,19 @@ class DenoiseScheduler:
             if request is not None and not request.first_step_time:
                 request.first_step_time = result.denoise_started_at or time.time()
         outputs: Outputs = defaultdict(list)
+        for request_id, pixels, index in zip(result.partial_request_ids, result.partial_pixels,
+                                             result.partial_indices):
+            request = self.requests.get(request_id)
+            if request is not None and request.status == RequestStatus.RUNNING:
+                outputs[request.client_id].append(ImageOutput(
+                    request_id, None, ArrayRef(pixels.dtype, list(pixels.shape), pixels.frame),
+                    num_steps=partial_image_steps(request.num_steps,
+                                                  request.data.partial_images)[index],
+                    partial_image_index=index))
         computed = result.num_computed_steps or [[] for _ in result.request_ids]
-        for request_id, pixels, num_computed in zip(result.request_ids, result.pixels, computed):
+        prompt_tokens = result.num_prompt_tokens or [0] * len(result.request_ids)
+        for request_id, pixels, num_computed, num_prompt_tokens in zip(
+                result.request_ids, result.pixels, computed, prompt_tokens):
             request = self.requests.get(request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted after the plan was made
@@ -300,7 +313,7 @@ class DenoiseScheduler:
                 ArrayRef(pixels.dtype, list(pixels.shape), pixels.frame),
                 num_steps=request.num_steps,
                 queue_time_s=max(0.0, request.first_step_time - request.arrival_time),
-                num_computed_steps=num_computed))
+                num_computed_steps=num_computed, num_prompt_tokens=num_prompt_tokens))
             self.images_total += request.num_images
             self._finished_images.append((time.monotonic(), request.num_images))
         return dict(outputs)

@@ -38,8 +38,6 @@ from .generation_config import generation_defaults
 from .images import (
     ImageGenerationOutput,
     image_requests,
-    output_pixels,
-    pil_images,
     run_image_requests,
 )
 from .launch import EngineProcess, make_config
@@ -322,8 +320,23 @@ class AsyncLLM(_Base):
                               request_id: str | None = None, priority: int = 0
                               ) -> ImageGenerationOutput:
         """The images of one request (`params.n` of them, or n per class label), returned once
-        all are done: a diffusion request has no partial output to stream. Cancelling the
-        awaiting task, or `abort(request_id)`, aborts the request in the engine."""
+        all are done, with any partial images it asked for. Cancelling the awaiting task, or
+        `abort(request_id)`, aborts the request in the engine."""
+        async with contextlib.aclosing(self.stream_images(
+                prompt, params, class_labels=class_labels, request_id=request_id,
+                priority=priority)) as stream:
+            async for result in stream:  # noqa: B007 (the last one is the answer)
+                pass
+        return result
+
+    async def stream_images(self, prompt: str | None = None,
+                            params: ImageParams | None = None, *,
+                            class_labels: Sequence[int] | None = None,
+                            request_id: str | None = None, priority: int = 0
+                            ) -> AsyncIterator[ImageGenerationOutput]:
+        """One request's output as it grows: once per partial image (`params.partial_images`,
+        newest last in `partial_images`), then finished with its images. Leaving the loop
+        early aborts the request."""
         self._require(ModelKind.IMAGE, "generate_images")
         await self.start()
         if prompt is not None and not isinstance(prompt, str):
@@ -336,10 +349,8 @@ class AsyncLLM(_Base):
         result = ImageGenerationOutput(request.request_id, request.prompt, request.class_labels)
         async with contextlib.aclosing(self.client.generate(request)) as stream:
             async for out, frames in stream:
-                if out.finish_reason is not None:
-                    result.images = pil_images(output_pixels(out, frames))
-                    result.num_steps, result.finished = out.num_steps, True
-        return result
+                result.add(out, frames)
+                yield result
 
     async def abort(self, request_id: str) -> None:
         if self.client is not None:

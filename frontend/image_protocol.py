@@ -1,7 +1,9 @@
 """The body of `POST /v1/images/generations`: OpenAI's fields plus vLLM-omni's extensions.
 
     OpenAI:      prompt, model, n (1-10), size ("WxH" or "auto"), response_format (b64_json),
-                 user, output_format (png)
+                 user, output_format (png), stream + partial_images (0-3): server-sent events
+                 `image_generation.partial_image` (the denoised estimate at evenly spaced
+                 steps), then `image_generation.completed`; one image per streamed request
     vLLM-omni:   negative_prompt, num_inference_steps (1-200), guidance_scale, seed
     zomni:       class_labels (class-conditional models, e.g. DiT, instead of a prompt),
                  priority (lower is served first, as for completions),
@@ -10,7 +12,7 @@
                  `--step-cache`, off by default; {"type": "none"}: off)
 
 OpenAI fields that zomni does not implement (`quality`, `style`, `background`, `moderation`,
-`output_compression`, `partial_images`, `stream`, an `output_format` other than png,
+`output_compression`, an `output_format` other than png,
 `response_format` "url") are a 400 naming the field whenever they ask for something other than
 what zomni does; they are never dropped silently. Fields OpenAI does not define are ignored,
 as on every other endpoint of this server (and vLLM's).
@@ -32,8 +34,6 @@ _ACCEPTED: dict[str, tuple[Any, ...]] = {
     "quality": ("auto",),
     "background": ("auto", "opaque"),
     "output_format": ("png",),
-    "stream": (False,),
-    "partial_images": (0,),
     "style": (),
     "moderation": (),
     "output_compression": (),
@@ -73,6 +73,12 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True):
                 if self.response_format == "url" else ""
             raise InvalidRequest(f"response_format {self.response_format!r} is not supported; "
                                  f"use 'b64_json'{hint}", param="response_format")
+        if self.partial_images and not self.stream:
+            raise InvalidRequest("partial_images are sent as events: they need stream=true",
+                                 param="partial_images")
+        if self.stream and self.n != 1:
+            raise InvalidRequest(f"stream=true sends the events of one image; ask n=1 (got "
+                                 f"{self.n}) and send one request per image", param="n")
         for name, accepted in _ACCEPTED.items():
             value = getattr(self, name)
             if value is not None and value not in accepted:
@@ -100,6 +106,7 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True):
                              guidance_scale=self.guidance_scale,
                              negative_prompt=self.negative_prompt, seed=self.seed,
                              cache=None if self.cache is None
-                             else StepCacheParams.from_dict(self.cache))
+                             else StepCacheParams.from_dict(self.cache),
+                             partial_images=self.partial_images or 0)
         return ImageRequest(request_id, prompt=self.prompt, class_labels=self.class_labels,
                             params=params, priority=self.priority, arrival_time=arrival_time)

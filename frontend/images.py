@@ -50,6 +50,28 @@ class ImageGenerationOutput:
     # per CFG branch (cond, then uncond): steps that ran the whole denoiser (the step cache
     # skipped the others)
     num_computed_steps: list[int] = field(default_factory=list)
+    # ImageParams.partial_images: partial_images[i] holds partial image i of every image (the
+    # denoised estimate at an evenly spaced step), in the order they came
+    partial_images: list[list[Image.Image]] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+
+    def add(self, out: ImageOutput, frames: Sequence) -> None:
+        """Take one engine output for this request: a partial image, or the end (its images,
+        or its typed error raised). A partial index sent again (the request was preempted and
+        restarted) replaces the one before."""
+        if out.finish_reason is None:
+            if out.partial_image_index is not None and out.pixels is not None:
+                images = pil_images(read_array(out.pixels, frames))
+                index = out.partial_image_index
+                if index < len(self.partial_images):
+                    self.partial_images[index] = images
+                else:
+                    self.partial_images.append(images)
+            return
+        self.finished, self.num_steps = True, out.num_steps
+        self.num_computed_steps = list(out.num_computed_steps)
+        self.num_prompt_tokens = out.num_prompt_tokens
+        self.images = pil_images(output_pixels(out, frames))
 
 
 def image_requests(prompts: str | Sequence[str] | None,
@@ -150,16 +172,15 @@ def run_image_requests(client: EngineClient, requests: list[ImageRequest],
         _, msg, frames = got
         for out in getattr(msg, "outputs", ()):
             result = results.get(out.request_id)
-            if result is None or result.finished or out.finish_reason is None:
+            if result is None or result.finished:
                 continue
-            result.finished, result.num_steps = True, out.num_steps
-            result.num_computed_steps = list(out.num_computed_steps)
-            remaining -= 1
             try:
-                result.images = pil_images(output_pixels(out, frames))
+                result.add(out, frames)
             except ZomniError as e:
-                error = e
-            bar.update(len(result.images))
+                result.finished, error = True, e
+            if result.finished:
+                remaining -= 1
+                bar.update(len(result.images))
     bar.close()
     if error is not None:
         raise error

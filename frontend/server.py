@@ -37,7 +37,7 @@ from .image_protocol import ImageGenerationRequest
 from .launch import EngineProcess
 from .metrics import flat_stats
 from .ratelimit import RateLimiter
-from .serving import json_response
+from .serving import json_response, stream_sse
 from .tokenizer import apply_chat_template_async, decode_async, encode_text_async
 
 logger = logging.getLogger("zomni.frontend")
@@ -153,6 +153,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def image_generations(request: web.Request) -> web.Response:
     body = oai.decode_body(await request.read(), ImageGenerationRequest)
     serving = _engines(request).route(body.model, ModelKind.IMAGE, "/v1/images/generations")
+    if body.stream:
+        return await stream_sse(request, serving.stream(body, request[REQUEST_ID]),
+                                named_events=True)
     return json_response(await serving.generations(body, request[REQUEST_ID]))
 
 

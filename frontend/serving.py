@@ -201,15 +201,22 @@ def error_response(e: ZomniError) -> web.Response:
     return json_response(oai.error_body(e.message, e.type, e.status, e.param), e.status)
 
 
-async def stream_sse(http_request: web.Request,
-                     chunks: AsyncIterator[dict[str, Any]]) -> web.StreamResponse:
-    """Send `chunks` as server-sent events, then `data: [DONE]`.
+async def stream_sse(http_request: web.Request, chunks: AsyncIterator[dict[str, Any]],
+                     named_events: bool = False) -> web.StreamResponse:
+    """Send `chunks` as server-sent events: `data: [DONE]` last (completions, chat), or with
+    `named_events` an `event:` line per chunk naming its `type` and no [DONE] (OpenAI's image
+    streams).
 
     The first chunk is awaited before the response starts, so an error the engine reports at
     once (429 queue full, 400 prompt too long for the KV cache) still gets its HTTP status.
     Later errors become an error event. A write to a closed connection ends the stream like a
     disconnect: leaving `aclosing` aborts the engine requests.
     """
+
+    def event(chunk: dict[str, Any], name: str | None) -> bytes:
+        head = f"event: {name}\n".encode() if named_events and name else b""
+        return head + b"data: " + _encode(chunk) + b"\n\n"
+
     async with aclosing(chunks):
         try:
             first = await anext(chunks)
@@ -222,14 +229,15 @@ async def stream_sse(http_request: web.Request,
         await resp.prepare(http_request)
         try:
             if first is not None:
-                await resp.write(b"data: " + _encode(first) + b"\n\n")
+                await resp.write(event(first, first.get("type")))
                 try:
                     async for chunk in chunks:
-                        await resp.write(b"data: " + _encode(chunk) + b"\n\n")
+                        await resp.write(event(chunk, chunk.get("type")))
                 except ZomniError as e:
                     error = oai.error_body(e.message, e.type, e.status, e.param)
-                    await resp.write(b"data: " + _encode(error) + b"\n\n")
-            await resp.write(b"data: [DONE]\n\n")
+                    await resp.write(event(error, "error"))
+            if not named_events:
+                await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ConnectionResetError:
             logger.info("client went away mid-stream; aborting its requests")

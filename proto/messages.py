@@ -230,6 +230,13 @@ class ImageOutput(_Msg, tag=_IMAGE):
     # per CFG branch (conditional, then unconditional with guidance): steps that ran the whole
     # denoiser; fewer than num_steps when the step cache skipped some. Empty: not reported.
     num_computed_steps: list[int] = msgspec.field(default_factory=list)
+    # A partial image (ImageParams.partial_images): `pixels` hold the decoded denoised estimate
+    # after step `num_steps`, finish_reason is None, and the request goes on. Its index counts
+    # from 0; a preempted request restarts and sends the same indices again.
+    partial_image_index: int | None = None
+    # the prompt's tokens as the first text encoder's tokenizer splits them (class-conditional
+    # models: the class labels); on finished outputs
+    num_prompt_tokens: int = 0
 
 
 class EngineOutputs(_Msg):
@@ -345,6 +352,7 @@ class DenoiseRequestData(_Msg):
     seed: int
     cache: StepCacheParams | None = None  # the step cache it runs with (the server default
     # resolved; never type "none")
+    partial_images: int = 0  # ImageParams.partial_images: at `partial_image_steps`
 
 
 class DenoiseSchedulerOutput(_Msg, tag=_IMAGE):
@@ -383,6 +391,13 @@ class DenoiseRunnerOutput(_Msg, tag=_IMAGE):
     denoise_started_at: float = 0.0  # wall clock when the step's denoiser forward began
     # one per finished request, same order: ImageOutput.num_computed_steps
     num_computed_steps: list[list[int]] = msgspec.field(default_factory=list)
+    # Partial images taken this step, same order in each list: request, pixels (uint8
+    # [num_images, height, width, 3]), partial image index
+    partial_request_ids: list[str] = msgspec.field(default_factory=list)
+    partial_pixels: list[ArrayRef] = msgspec.field(default_factory=list)
+    partial_indices: list[int] = msgspec.field(default_factory=list)
+    # one per finished request, same order: ImageOutput.num_prompt_tokens
+    num_prompt_tokens: list[int] = msgspec.field(default_factory=list)
 
 
 class WorkerError(_Msg):

@@ -142,6 +142,14 @@ def _check(ok: bool, param: str, message: str) -> None:
 
 MAX_IMAGES_PER_REQUEST = 10  # OpenAI's bound on `n` for images
 MAX_NUM_STEPS = 200
+MAX_PARTIAL_IMAGES = 3  # OpenAI's bound
+
+
+def partial_image_steps(num_steps: int, partial_images: int) -> list[int]:
+    """After which completed steps (1-based) a request's partial images are taken: evenly
+    spaced, never the last step (that one is the image itself). Fewer when steps are few."""
+    steps = {round((i + 1) * num_steps / (partial_images + 1)) for i in range(partial_images)}
+    return sorted(s for s in steps if 1 <= s < num_steps)
 
 
 STEP_CACHE_TYPES = ("fbcache", "teacache", "none")
@@ -236,6 +244,9 @@ class ImageParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False,
     seed: int | None = None
     # None: the server's default (`--step-cache`, off unless set); a dict is converted
     cache: StepCacheParams | None = None
+    # Denoised estimates (x0 predictions) decoded at evenly spaced steps and sent before the
+    # image, as OpenAI's `partial_images`: 0-3 per request
+    partial_images: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.cache, dict):
@@ -255,3 +266,6 @@ class ImageParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False,
                f"guidance_scale must be a finite number in [0, 100], got {g}")
         _check(self.seed is None or -(2**63) <= self.seed < 2**63, "seed",
                "seed must fit in a signed 64-bit integer")
+        _check(0 <= self.partial_images <= MAX_PARTIAL_IMAGES, "partial_images",
+               f"partial_images must be in [0, {MAX_PARTIAL_IMAGES}], got "
+               f"{str(self.partial_images)[:24]}")

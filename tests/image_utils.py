@@ -87,6 +87,41 @@ def sd3_reference(path: Path, prompt: str, seed: int, steps: int, guidance: floa
     return np.stack([np.asarray(image) for image in out.images])
 
 
+def sd3_partial_references(path: Path, prompt: str, seed: int, steps: int, guidance: float,
+                           after_steps: list[int]) -> list[np.ndarray]:
+    """uint8 [1, H, W, 3] per entry of `after_steps`: the denoised estimate after that many
+    steps of diffusers' StableDiffusion3Pipeline, decoded as the pipeline decodes its result.
+
+    The estimate is solved from the pipeline's own latents: its Euler step is
+    x_next = x + (sigma_next - sigma) v on x = (1 - sigma) x0 + sigma noise with
+    v = noise - x0, so the step k (1-based) that starts at x_{k-1} has
+    x0 = x_{k-1} - sigma_{k-1} (x_k - x_{k-1}) / (sigma_k - sigma_{k-1})."""
+    import torch
+
+    pipe = _pipeline(path)
+    seen: list = []  # latents after each step
+
+    def keep(_pipe, _i, _t, kwargs):
+        seen.append(kwargs["latents"].clone())
+        return kwargs
+
+    pipe(prompt=prompt, num_images_per_prompt=1, height=32, width=32,
+         num_inference_steps=steps, guidance_scale=guidance, generator=_generator(seed),
+         output_type="latent", callback_on_step_end=keep)
+    sigmas, out = pipe.scheduler.sigmas, []
+    for k in after_steps:
+        assert k >= 2, "the first step's input (the noise) is not seen by the callback"
+        x, x_next = seen[k - 2], seen[k - 1]
+        x0 = x - sigmas[k - 1] * (x_next - x) / (sigmas[k] - sigmas[k - 1])
+        vae = pipe.vae
+        with torch.no_grad():
+            image = vae.decode(x0 / vae.config.scaling_factor + vae.config.shift_factor,
+                               return_dict=False)[0]
+        image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        out.append((image * 255).round().astype("uint8"))
+    return out
+
+
 def dit_reference(path: Path, class_labels: list[int], seed: int, steps: int, guidance: float,
                   n: int = 1) -> np.ndarray:
     """uint8 [n * len(labels), H, W, 3] from diffusers' DiTPipeline: n images per label,

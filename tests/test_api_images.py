@@ -13,7 +13,15 @@ import json
 import numpy as np
 import pytest
 from http_utils import Proc, http, scripted_model, zomni_cmd
-from image_utils import MIN_PSNR_DB, decode_png, dit_reference, psnr, sd3_reference, tiny_pipelines
+from image_utils import (
+    MIN_PSNR_DB,
+    decode_png,
+    dit_reference,
+    psnr,
+    sd3_partial_references,
+    sd3_reference,
+    tiny_pipelines,
+)
 from PIL import Image
 
 from zomni import LLM, AsyncLLM, ImageGenerationOutput, ImageParams
@@ -77,6 +85,26 @@ def test_generate_images_batch_in_order(sd3_llm, tmp_path_factory):
         assert psnr(as_array(out.images), expected) >= MIN_PSNR_DB
 
 
+def test_generate_images_keeps_partial_images(sd3_llm, tmp_path_factory):
+    """partial_images offline: each partial is diffusers' denoised estimate at its step
+    (8 steps, 2 partials: after steps 3 and 5), the images come last."""
+    sd3 = tiny_pipelines(tmp_path_factory).sd3
+    prompt = "a small red circle on a blue background"
+    params = ImageParams(seed=11, num_inference_steps=8, guidance_scale=5.0, partial_images=2)
+    [out] = sd3_llm.generate_images(prompt, params)
+    assert len(out.partial_images) == 2 and all(len(p) == 1 for p in out.partial_images)
+    expected = sd3_partial_references(sd3, prompt, seed=11, steps=8, guidance=5.0,
+                                      after_steps=[3, 5])
+    for got, ref in zip(out.partial_images, expected):
+        assert psnr(as_array(got), ref) >= MIN_PSNR_DB
+    assert out.num_prompt_tokens > 0
+    assert psnr(as_array(out.images), sd3_reference(sd3, prompt, seed=11, steps=8,
+                                                    guidance=5.0)) >= MIN_PSNR_DB
+    with pytest.raises(InvalidRequest) as e:
+        ImageParams(partial_images=4)
+    assert e.value.param == "partial_images"
+
+
 def test_image_model_refuses_text_methods_and_bad_requests(sd3_llm):
     assert sd3_llm.get_tokenizer() is None  # no LLM tokenizer for an image model
     with pytest.raises(InvalidRequest, match="generate_images") as e:
@@ -109,6 +137,10 @@ def test_async_generate_images(tmp_path_factory):
             with pytest.raises(InvalidRequest) as e:
                 await llm.generate_images("a goldfish")
             assert e.value.param == "prompt"
+            steps = [len(o.partial_images) async for o in llm.stream_images(
+                class_labels=[1], params=ImageParams(seed=1, num_inference_steps=8,
+                                                     partial_images=3))]
+            assert steps == [1, 2, 3, 3]  # one update per partial image, then the images
             return outs
 
     first, second = asyncio.run(run())

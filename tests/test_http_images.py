@@ -16,7 +16,15 @@ from types import SimpleNamespace
 import openai
 import pytest
 from http_utils import Proc, http, zomni_cmd
-from image_utils import MIN_PSNR_DB, decode_png, dit_reference, psnr, sd3_reference, tiny_pipelines
+from image_utils import (
+    MIN_PSNR_DB,
+    decode_png,
+    dit_reference,
+    psnr,
+    sd3_partial_references,
+    sd3_reference,
+    tiny_pipelines,
+)
 from step_cache_reference import cached_images
 
 from zomni._process import free_port
@@ -161,6 +169,78 @@ def test_step_cache_matches_the_reference_loop(server):
         assert_close(pixels(out), expected, f"{model} {cache['type']}")
 
 
+def test_streamed_partial_images_are_the_denoised_estimates(server):
+    """stream + partial_images: OpenAI's events in order; each partial is diffusers' denoised
+    estimate at its step (8 steps, 2 partials: after steps 3 and 5), the last event the image
+    diffusers makes, with usage."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    prompt = "a small red circle on a blue background"
+    events = list(client.images.generate(
+        model="sd3", prompt=prompt, size="32x32", stream=True, partial_images=2,
+        extra_body={"seed": 11, "num_inference_steps": 8, "guidance_scale": 5.0}))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + \
+        ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    assert all(e.size == "32x32" and e.output_format == "png" for e in events)
+    expected = sd3_partial_references(server.sd3, prompt, seed=11, steps=8, guidance=5.0,
+                                      after_steps=[3, 5])
+    partials = [decode_png(e.b64_json)[None] for e in events[:2]]
+    for i, (got, ref) in enumerate(zip(partials, expected)):
+        assert_close(got, ref, f"SD3 partial image {i}")
+    final = decode_png(events[2].b64_json)[None]
+    assert_close(final, sd3_reference(server.sd3, prompt, seed=11, steps=8, guidance=5.0),
+                 "SD3 streamed final image")
+    assert psnr(partials[0], final) < MIN_PSNR_DB  # a partial is not yet the image
+    usage = events[2].usage
+    assert usage.input_tokens == usage.input_tokens_details.text_tokens > 0
+    assert usage.output_tokens == (32 // 4) ** 2  # latent patches: 32 px / (VAE 2 x patch 2)
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+
+
+def test_streamed_image_without_partials_and_dit(server):
+    """partial_images 0: one completed event; a class-conditional model streams too (its
+    input tokens are its labels); a bad field is a plain 400 before any event."""
+    status, _, data = http("POST", server.url + "/v1/images/generations",
+                           {"model": "dit", "class_labels": [3], "stream": True, "seed": 7,
+                            "num_inference_steps": 10, "guidance_scale": 4.0,
+                            "partial_images": 1}, {"Content-Type": "application/json"})
+    text = data.decode()
+    assert status == 200 and text.startswith("event: image_generation.partial_image\n"), text
+    events = [json.loads(line[len("data: "):]) for line in text.splitlines()
+              if line.startswith("data: ")]
+    assert [e["type"] for e in events] == ["image_generation.partial_image",
+                                           "image_generation.completed"]
+    assert_close(decode_png(events[1]["b64_json"])[None],
+                 dit_reference(server.dit, [3], seed=7, steps=10, guidance=4.0), "DiT stream")
+    assert events[1]["usage"]["input_tokens"] == 1
+    status, _, data = http("POST", server.url + "/v1/images/generations",
+                           {"model": "sd3", "prompt": "x", "stream": True,
+                            "num_inference_steps": 2}, {"Content-Type": "application/json"})
+    assert status == 200 and data.decode().count("event: ") == 1
+    status, body = generate(server, {"model": "sd3", "prompt": "x", "stream": True,
+                                     "partial_images": 4})
+    assert status == 400 and body["error"]["param"] == "partial_images", body
+
+
+def test_disconnect_mid_image_stream_aborts(server):
+    """A client that leaves after the first partial image: the request is aborted."""
+    import urllib.request
+
+    before = model_stats(server, "sd3")
+    req = urllib.request.Request(
+        server.url + "/v1/images/generations", method="POST",
+        data=json.dumps({"model": "sd3", "prompt": "x", "size": "128x128", "stream": True,
+                         "partial_images": 3, "num_inference_steps": 200}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.readline() == b"event: image_generation.partial_image\n"
+    deadline = time.monotonic() + 20
+    while (stats := model_stats(server, "sd3"))["num_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stats["num_running"] == 0 and stats["images_total"] == before["images_total"]
+    assert stats["denoising_steps_total"] - before["denoising_steps_total"] < 200
+
+
 # ---- errors -----------------------------------------------------------------------------------
 
 _BAD = [
@@ -183,8 +263,9 @@ _BAD = [
     ({"model": "sd3", "prompt": "x", "output_format": "jpeg"}, "output_format"),
     ({"model": "sd3", "prompt": "x", "moderation": "low"}, "moderation"),
     ({"model": "sd3", "prompt": "x", "output_compression": 50}, "output_compression"),
-    ({"model": "sd3", "prompt": "x", "stream": True}, "stream"),
-    ({"model": "sd3", "prompt": "x", "partial_images": 2}, "partial_images"),
+    ({"model": "sd3", "prompt": "x", "stream": True, "n": 2}, "n"),
+    ({"model": "sd3", "prompt": "x", "partial_images": 2}, "partial_images"),  # no stream
+    ({"model": "sd3", "prompt": "x", "stream": True, "partial_images": -1}, "partial_images"),
     ({"model": "sd3", "class_labels": [1]}, "class_labels"),
     ({"model": "sd3"}, "prompt"),
     ({"model": "dit", "prompt": "a goldfish"}, "prompt"),

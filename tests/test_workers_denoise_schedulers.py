@@ -64,8 +64,8 @@ def initial_noise(request: int) -> torch.Tensor:
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(request))
 
 
-def reference(config: dict, num_steps: int, noise: torch.Tensor) -> torch.Tensor:
-    """The request alone through diffusers' scheduler, as its pipeline's loop runs it."""
+def diffusers_scheduler(config: dict, num_steps: int):
+    """diffusers' own scheduler for `config`, its timesteps set for `num_steps`."""
     cls = {"FlowMatchEulerDiscreteScheduler": FlowMatchEulerDiscreteScheduler,
            "DDIMScheduler": DDIMScheduler}[config["_class_name"]]
     scheduler = cls.from_config(config)
@@ -75,6 +75,12 @@ def reference(config: dict, num_steps: int, noise: torch.Tensor) -> torch.Tensor
         m = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
         kwargs["mu"] = IMAGE_SEQ_LEN * m + c.base_shift - m * c.base_image_seq_len
     scheduler.set_timesteps(num_steps, **kwargs)
+    return scheduler
+
+
+def reference(config: dict, num_steps: int, noise: torch.Tensor) -> torch.Tensor:
+    """The request alone through diffusers' scheduler, as its pipeline's loop runs it."""
+    scheduler = diffusers_scheduler(config, num_steps)
     x = noise[None]
     for t in scheduler.timesteps:
         x = scheduler.step(fake_model(x, t), t, x).prev_sample
@@ -112,6 +118,33 @@ def test_batched_equals_diffusers_alone(name: str) -> None:
         expected = reference(config, num_steps, initial_noise(r))
         # float32 on the CPU: the same ops on the same values, so bit-exact.
         assert torch.equal(samples[r], expected), (name, num_steps)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_predict_x0_is_the_denoised_estimate(name: str) -> None:
+    """Rows at different steps of different schedules. DDIM: diffusers' own
+    `pred_original_sample`. Flow matching (diffusers returns no x0): solved from diffusers'
+    step, x_next = x + (sigma_next - sigma) v and x = (1 - sigma) x0 + sigma noise with
+    v = noise - x0, so x0 = x - sigma v."""
+    config = CONFIGS[name]
+    scheduler = scheduler_from_config(config)
+    rows = [(28, 0), (28, 13), (5, 4), (50, 30)]  # (num_steps, step index)
+    schedules = [scheduler.schedule(n, IMAGE_SEQ_LEN) for n, _ in rows]
+    indices = [i for _, i in rows]
+    x = torch.stack([initial_noise(r) for r in range(len(rows))])
+    out = fake_model(x, scheduler.timesteps(schedules, indices).view(-1, 1, 1, 1))
+    got = scheduler.predict_x0(x, out, schedules, indices)
+    for b, (num_steps, i) in enumerate(rows):
+        ref = diffusers_scheduler(config, num_steps)
+        t, xb, vb = ref.timesteps[i], x[b : b + 1], out[b : b + 1]
+        if isinstance(ref, DDIMScheduler):
+            expected = ref.step(vb, t, xb).pred_original_sample
+        else:
+            sigma, sigma_next = ref.sigmas[i], ref.sigmas[i + 1]
+            v = (ref.step(vb, t, xb).prev_sample - xb) / (sigma_next - sigma)
+            expected = xb - sigma * v
+        torch.testing.assert_close(got[b], expected[0], rtol=1e-4, atol=1e-4,
+                                   msg=f"{name} row {b}")
 
 
 def test_timestep_dtypes_and_values() -> None:

@@ -91,6 +91,12 @@ class BatchedScheduler(ABC):
         split off by the caller.
         """
 
+    @abstractmethod
+    def predict_x0(self, sample: torch.Tensor, model_output: torch.Tensor,
+                   schedules: Sequence[Schedule], step_indices: Sequence[int]) -> torch.Tensor:
+        """float32: the clean sample the model predicts at this step, row by row (what a
+        partial image shows: the denoised estimate, decoded as the final latents are)."""
+
     def timesteps(self, schedules: Sequence[Schedule], step_indices: Sequence[int],
                   device: torch.device | str = "cpu") -> torch.Tensor:
         """[B]: the timestep row b feeds the denoiser this step (dtype as the class documents)."""
@@ -112,6 +118,8 @@ class BatchedFlowMatchEuler(BatchedScheduler):
 
     timesteps: float32 sigma * num_train_timesteps, as StableDiffusion3Pipeline feeds them.
     coefs[:, 0]: dt = sigma_next - sigma in float32, with the terminal sigma 0 after the last step.
+    coefs[:, 1]: sigma. The model predicts v = noise - x0 on x = (1 - sigma) x0 + sigma noise,
+    so its x0 is x - sigma v.
     """
 
     diffusers_class = FlowMatchEulerDiscreteScheduler
@@ -127,16 +135,21 @@ class BatchedFlowMatchEuler(BatchedScheduler):
         self._diffusers.set_timesteps(num_steps, **kwargs)
         sigmas = self._diffusers.sigmas  # [num_steps + 1]
         dt = sigmas[1:] - sigmas[:-1]
-        return Schedule(self._diffusers.timesteps.clone(), dt[:, None].clone())
+        coefs = torch.stack([dt, sigmas[:-1]], dim=1).float()
+        return Schedule(self._diffusers.timesteps.clone(), coefs)
 
     def step(self, sample: torch.Tensor, model_output: torch.Tensor,
              schedules: Sequence[Schedule], step_indices: Sequence[int]) -> torch.Tensor:
         """Returns model_output's dtype. diffusers upcasts the sample to float32 and casts back
         to model_output's dtype; the product dt * v is also float32 here (diffusers rounds it to
         a reduced-precision model_output's dtype first)."""
-        (dt,) = self._gather(schedules, step_indices, sample)
+        dt, _ = self._gather(schedules, step_indices, sample)
         prev = sample.float() + dt * model_output.float()
         return prev.to(model_output.dtype)
+
+    def predict_x0(self, sample, model_output, schedules, step_indices):
+        _, sigma = self._gather(schedules, step_indices, sample)
+        return sample.float() - sigma * model_output.float()
 
 
 class BatchedDDIM(BatchedScheduler):
@@ -177,8 +190,19 @@ class BatchedDDIM(BatchedScheduler):
              schedules: Sequence[Schedule], step_indices: Sequence[int]) -> torch.Tensor:
         """Returns the promoted dtype of sample and model_output, as diffusers does. Computed
         in float32 (diffusers rounds each intermediate to a reduced-precision dtype)."""
-        sqrt_a, sqrt_b, sqrt_a_prev, sqrt_b_prev = self._gather(schedules, step_indices, sample)
         out_dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        x0, eps = self._x0_eps(sample, model_output, schedules, step_indices)
+        _, _, sqrt_a_prev, sqrt_b_prev = self._gather(schedules, step_indices, sample)
+        return (sqrt_a_prev * x0 + sqrt_b_prev * eps).to(out_dtype)
+
+    def predict_x0(self, sample, model_output, schedules, step_indices):
+        return self._x0_eps(sample, model_output, schedules, step_indices)[0]
+
+    def _x0_eps(self, sample: torch.Tensor, model_output: torch.Tensor,
+                schedules: Sequence[Schedule], step_indices: Sequence[int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) in float32 as diffusers' step derives them, x0 clipped when configured."""
+        sqrt_a, sqrt_b, _, _ = self._gather(schedules, step_indices, sample)
         x, m = sample.float(), model_output.float()
         if self.config.prediction_type == "epsilon":
             x0, eps = (x - sqrt_b * m) / sqrt_a, m
@@ -189,7 +213,7 @@ class BatchedDDIM(BatchedScheduler):
         if self.config.clip_sample:
             limit = self.config.clip_sample_range
             x0 = x0.clamp(-limit, limit)
-        return (sqrt_a_prev * x0 + sqrt_b_prev * eps).to(out_dtype)
+        return x0, eps
 
 
 _SCHEDULERS: dict[str, type[BatchedScheduler]] = {

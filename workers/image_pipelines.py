@@ -35,6 +35,10 @@ logger = logging.getLogger("zomni.worker")
 class Conditioning:
     cond: tuple[torch.Tensor, ...]  # per denoiser input, rows first
     uncond: tuple[torch.Tensor, ...] | None  # with guidance: the same shapes
+    # what the request's `usage` counts as its input: the prompt's tokens (as the first text
+    # encoder's tokenizer splits it, before padding or truncation), or its class labels.
+    # Known on rank 0 only.
+    num_prompt_tokens: int = 0
 
 
 def _broadcast_tensors(tensors: tuple[torch.Tensor, ...] | None, count: int,
@@ -128,7 +132,15 @@ class SD3Pipeline(ImagePipeline):
                     max_sequence_length=self.max_sequence_length)
             embeds = (pos, pooled) + ((neg, neg_pooled) if cfg else ())
         embeds = _broadcast_tensors(embeds, 4 if cfg else 2, self.dtype, self.device)
-        return Conditioning(embeds[:2], embeds[2:] if cfg else None)
+        return Conditioning(embeds[:2], embeds[2:] if cfg else None, self._count_tokens(req))
+
+    def _count_tokens(self, req: DenoiseRequestData) -> int:
+        tokenizer = self.parts and next(
+            (t for t in (self.parts.tokenizer, self.parts.tokenizer_2, self.parts.tokenizer_3)
+             if t is not None), None)
+        if tokenizer is None:
+            return 0
+        return len(tokenizer(req.prompt, add_special_tokens=False, verbose=False).input_ids)
 
     def predict(self, latents, timesteps, inputs, cache=None):
         context, pooled = inputs
@@ -149,7 +161,8 @@ class DiTPipeline(ImagePipeline):
                                                                      // len(req.class_labels))]
         labels = torch.tensor(rows, dtype=torch.int64, device=self.device)
         null = torch.full_like(labels, self.denoiser.config.num_embeds_ada_norm)
-        return Conditioning((labels,), (null,) if req.guidance_scale > 1.0 else None)
+        return Conditioning((labels,), (null,) if req.guidance_scale > 1.0 else None,
+                            len(req.class_labels))
 
     def predict(self, latents, timesteps, inputs, cache=None):
         (labels,) = inputs

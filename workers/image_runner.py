@@ -14,7 +14,9 @@ The worker decides nothing. Per step, in this order:
         then one batched scheduler update (`denoise_schedulers`), rows back to their requests;
         requests with a step cache (`step_cache`) keep its state per CFG branch, and the
         forward runs the blocks only on the rows whose branch computes this step
-    (d) requests whose last step this was: VAE decode (rank 0), pixels returned, state dropped
+    (d) requests whose last step this was: VAE decode (rank 0), pixels returned, state dropped;
+        requests that asked for partial images and reached one of their `partial_image_steps`:
+        the step's denoised estimate (x0 prediction) is decoded the same way and returned too
 
 Rank 0 returns a `DenoiseRunnerOutput` whose pixels travel as raw frames; other ranks return
 None. Every rank runs (b)-(c) identically, so their latents stay equal under tensor parallelism.
@@ -39,6 +41,7 @@ from zomni.proto import (
 )
 from zomni.proto.arrays import add_array
 from zomni.proto.model_info import architecture_of, read_model_info
+from zomni.proto.sampling import partial_image_steps
 from zomni.workers.denoise_schedulers import Schedule, load_scheduler
 from zomni.workers.denoiser_loader import load_denoiser
 from zomni.workers.device import resolve_device, resolve_dtype, set_threads
@@ -60,6 +63,7 @@ class ImageState:
     schedule: Schedule
     step: int = 0  # denoising steps done
     cache: tuple[BranchCache, ...] = ()  # with a step cache: (cond, uncond with guidance)
+    partial_steps: tuple[int, ...] = ()  # completed-step counts that send a partial image
 
     @property
     def guided(self) -> bool:
@@ -128,8 +132,7 @@ class ImageRunner:
             self.requests[data.request_id] = self._admit(data)
         scheduled = [self._get(request_id) for request_id in plan.scheduled_request_ids]
         started = time.time()
-        if scheduled:
-            self._denoise(scheduled)
+        partials = self._denoise(scheduled) if scheduled else []
         done = [s for s in scheduled if s.step == s.data.num_steps]
         for state in done:
             del self.requests[state.data.request_id]
@@ -137,8 +140,15 @@ class ImageRunner:
             return None
         frames: list = []
         refs = [add_array(self.pipeline.decode(s.latents).numpy(), frames) for s in done]
-        return DenoiseRunnerOutput(plan.step_id, [s.data.request_id for s in done], refs,
-                                   started, [s.num_computed_steps for s in done]), frames
+        out = DenoiseRunnerOutput(plan.step_id, [s.data.request_id for s in done], refs,
+                                  started, [s.num_computed_steps for s in done],
+                                  num_prompt_tokens=[s.conditioning.num_prompt_tokens
+                                                     for s in done])
+        for state, x0 in partials:
+            out.partial_request_ids.append(state.data.request_id)
+            out.partial_pixels.append(add_array(self.pipeline.decode(x0).numpy(), frames))
+            out.partial_indices.append(state.partial_steps.index(state.step))
+        return out, frames
 
     def _admit(self, data: DenoiseRequestData) -> ImageState:
         if data.request_id in self.requests:
@@ -147,7 +157,9 @@ class ImageRunner:
         w = data.width // self.pipeline.vae_scale_factor // self.patch_size
         state = ImageState(data, self.pipeline.initial_latents(data),
                            self.pipeline.condition(data),
-                           self.scheduler.schedule(data.num_steps, image_seq_len=h * w))
+                           self.scheduler.schedule(data.num_steps, image_seq_len=h * w),
+                           partial_steps=tuple(partial_image_steps(data.num_steps,
+                                                                   data.partial_images)))
         if data.cache is not None and data.cache.enabled:
             state.cache = tuple(BranchCache.create(data.cache, data.num_steps,
                                                    self.denoiser.teacache_rescale)
@@ -163,9 +175,10 @@ class ImageRunner:
             raise ValueError(f"request {request_id!r} has no step left")
         return state
 
-    def _denoise(self, scheduled: list[ImageState]) -> None:
+    def _denoise(self, scheduled: list[ImageState]) -> list[tuple[ImageState, torch.Tensor]]:
         """One forward and one scheduler update for every row of `scheduled` (one batch key:
-        same latent shape, all guided or none)."""
+        same latent shape, all guided or none). Returns (request, its denoised estimate) for
+        the requests whose step this was a partial image's."""
         guided = scheduled[0].guided
         if any(s.guided != guided for s in scheduled):
             raise ValueError("a step mixes guided and unguided requests")
@@ -187,10 +200,19 @@ class ImageRunner:
         else:
             output = self.pipeline.predict(latents, timesteps, tuple(inputs),
                                            self._step_cache(scheduled, counts, 1))
+        partials, start = [], 0
+        for state, n in zip(scheduled, counts):
+            if self.rank == 0 and state.step + 1 in state.partial_steps:  # rank 0 decodes
+                rows = slice(start, start + n)
+                x0 = self.scheduler.predict_x0(latents[rows], output[rows], schedules[rows],
+                                               steps[rows])
+                partials.append((state, x0.to(latents.dtype)))
+            start += n
         new = self.scheduler.step(latents, output, schedules, steps)
         for state, rows in zip(scheduled, new.split(counts)):
             state.latents = rows
             state.step += 1
+        return partials
 
     @staticmethod
     def _step_cache(scheduled: list[ImageState], counts: list[int],
