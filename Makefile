@@ -9,7 +9,7 @@ PORT ?= 8000
 MODEL ?=
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint clean
+.PHONY: install browser serve test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,17 @@ install: $(VENV)/.installed
 serve: install
 	$(VENV)/bin/zomni serve $(if $(MODEL),--model $(MODEL)) --host $(HOST) --port $(PORT)
 
-test: install
+# The browser test (tests/test_browser_playground.py) drives Debian's chromium through its
+# chromedriver; installing them needs root (apt-get), else this stops saying what to run.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	    apt-get install -y -qq chromium chromium-driver; \
+	  else echo "make test: chromium and chromedriver are missing (the browser test" \
+	    "needs them); run 'sudo apt-get install chromium chromium-driver', then" \
+	    "make test again" >&2; exit 1; fi
+
+test: install browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install

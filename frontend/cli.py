@@ -135,7 +135,8 @@ def _add_frontend_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     group.add_argument("--port", type=int, help="port to listen on (default 8000)")
     group.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every "
-                       "route but /health and /metrics (or set ZOMNI_API_KEY)")
+                       "route but /health, / (the playground page) and /metrics (or set "
+                       "ZOMNI_API_KEY)")
     group.add_argument("--metrics-require-api-key", action="store_true", default=None,
                        help="with --api-key, guard /metrics too (by default it stays open "
                        "to Prometheus scrapers, as in vLLM)")

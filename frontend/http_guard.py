@@ -6,7 +6,7 @@
     │        previous response (aiohttp's keep-alive timer closes a connection that waits for
     │        headers, idle or half-sent)
     ▼
-    middleware: X-Request-ID ─► API key, on all but /health (and /metrics unless asked): 401
+    middleware: X-Request-ID ─► API key, on all but /health, / (and /metrics unless asked): 401
     │           ─► rate limits per API key, or per client IP without one: 429
     │           ─► the body, read whole here: at most `max_body_bytes` as declared and as
     │              inflated (gzip / deflate / br / zstd; aiohttp inflates in bounded steps
@@ -40,7 +40,10 @@ logger = logging.getLogger("zomni.frontend")
 REQUEST_ID = web.RequestKey("request_id", str)  # echoed as X-Request-ID
 
 _encode = msgspec.json.Encoder().encode
-_OPEN_PATHS = frozenset({"/health"})  # load balancers' probes carry no key
+# Open without the API key: /health (load balancers' probes carry no key) and / (the
+# playground page: a browser's navigation cannot send a bearer header; the page is static and
+# sends the key the user types with each of its API calls).
+_OPEN_PATHS = frozenset({"/health", "/"})
 
 
 def error_json(message: str, status: int, type_: str = "invalid_request_error",

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from zomni.proto import InvalidRequest, SamplingParams
+from zomni.proto import ImageModelInfo, InvalidRequest, SamplingParams, TokenModelInfo
 from zomni.proto.sampling import MAX_LOGIT_BIAS_ENTRIES, MAX_N, MAX_STOP
 
 from .outputs import PositionLogprobs
@@ -347,14 +347,19 @@ def prompt_logprobs_json(entries: list[PositionLogprobs | None] | None
         for token_id, lp in entry.items()} for entry in entries]
 
 
-def model_card(name: str, root: str, max_model_len: int | None, created: int
+def model_card(name: str, root: str, details: TokenModelInfo | ImageModelInfo, created: int
                ) -> dict[str, Any]:
-    """/v1/models's entry; image models have no `max_model_len`."""
-    card = {"id": name, "object": "model", "created": created, "owned_by": "zomni",
-            "root": root, "parent": None, "max_model_len": max_model_len, "permission": []}
-    if max_model_len is None:
-        del card["max_model_len"]
-    return card
+    """/v1/models's entry: OpenAI's fields, vLLM's `root` and `max_model_len` (LLMs only), and
+    zomni's `zomni_kind` ("ar" or "image"); an image model's `zomni_image` says what its
+    requests take (a prompt or `class_labels`) and its default size."""
+    card: dict[str, Any] = {"id": name, "object": "model", "created": created,
+                            "owned_by": "zomni", "root": root, "parent": None,
+                            "permission": []}
+    if isinstance(details, TokenModelInfo):
+        return {**card, "max_model_len": details.max_model_len, "zomni_kind": "ar"}
+    return {**card, "zomni_kind": "image", "zomni_image": {
+        "conditioning": details.conditioning, "num_classes": details.num_classes,
+        "default_size": f"{details.default_width}x{details.default_height}"}}
 
 
 def error_body(message: str, type_: str, status: int, param: str | None = None

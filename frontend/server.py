@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import importlib.resources
 import logging
 import math
 import os
@@ -58,8 +59,8 @@ class FrontendConfig(msgspec.Struct, kw_only=True):
     engine: list[str] = msgspec.field(default_factory=lambda: [DEFAULT_ENGINE_ADDRESS])
     host: str = "127.0.0.1"
     port: int = 8000
-    # when set, every route but /health (and /metrics, unless metrics_require_api_key) needs
-    # `Authorization: Bearer <key>`
+    # when set, every route but /health, / (the playground page) and /metrics (unless
+    # metrics_require_api_key) needs `Authorization: Bearer <key>`
     api_key: str | None = None
     metrics_require_api_key: bool = False
     served_model_name: list[str] | None = None  # each model's API name; its path if unset
@@ -132,6 +133,11 @@ def _split(value: str) -> list[str]:
 # ---- handlers ---------------------------------------------------------------------------------
 
 _ENGINES = web.AppKey("engines", Engines)
+_PLAYGROUND = web.AppKey("playground", bytes)  # the page's HTML, read once by build_app
+# The page loads nothing from elsewhere: inline script and style, images as data: URLs, and
+# fetches to this server only.
+_PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+             "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'")
 
 
 def _engines(request: web.Request) -> Engines:
@@ -162,8 +168,7 @@ async def image_generations(request: web.Request) -> web.Response:
 async def models(request: web.Request) -> web.Response:
     created = int(time.time())
     return json_response({"object": "list", "data": [
-        oai.model_card(name, serving.info.model, getattr(serving.info.details,
-                                                         "max_model_len", None), created)
+        oai.model_card(name, serving.info.model, serving.info.details, created)
         for serving in _engines(request).ready_servings() for name in serving.model_names]})
 
 
@@ -173,9 +178,8 @@ async def model(request: web.Request) -> web.Response:
     name, engines = request.match_info["model"], _engines(request)
     for serving in engines.ready_servings():
         if name in serving.model_names:
-            return json_response(oai.model_card(
-                name, serving.info.model, getattr(serving.info.details, "max_model_len", None),
-                int(time.time())))
+            return json_response(oai.model_card(name, serving.info.model,
+                                                serving.info.details, int(time.time())))
     return json_response(oai.error_body(f"the model {name!r} does not exist; this server "
                                         f"serves {engines.names()}", "invalid_request_error",
                                         404, "model"), 404)
@@ -240,6 +244,15 @@ async def detokenize(request: web.Request) -> web.Response:
     return json_response({"prompt": await decode_async(serving.tokenizer, body.tokens)})
 
 
+async def playground(request: web.Request) -> web.Response:
+    """The playground page (static/playground.html): chat and image generation in a browser,
+    over this same API. It is open without the API key (a browser's navigation sends no
+    bearer header); the key typed into the page goes with its API calls."""
+    return web.Response(body=request.app[_PLAYGROUND], content_type="text/html",
+                        charset="utf-8", headers={"Cache-Control": "no-cache",
+                                                  "Content-Security-Policy": _PAGE_CSP})
+
+
 async def version(request: web.Request) -> web.Response:
     try:
         ver = importlib.metadata.version("zomni")
@@ -256,8 +269,11 @@ def build_app(engines: Engines, config: FrontendConfig) -> web.Application:
     app = web.Application(middlewares=[make_middleware(config, limiter)],
                           client_max_size=int(config.max_request_body_mb * 2**20))
     app[_ENGINES] = engines
+    app[_PLAYGROUND] = (importlib.resources.files(__package__) / "static" / "playground.html"
+                        ).read_bytes()
     app.on_response_prepare.append(on_response_prepare)
     app.add_routes([
+        web.get("/", playground),
         web.post("/v1/completions", completions),
         web.post("/v1/chat/completions", chat_completions),
         web.post("/v1/images/generations", image_generations),
