@@ -37,7 +37,7 @@ from zomni.proto.config import LLM_ONLY_FIELDS
 from zomni.proto.model_info import model_kind
 
 from . import server
-from .launch import EngineProcess, make_config
+from .launch import EngineProcess, make_config, resolve_model
 
 logger = logging.getLogger("zomni")
 
@@ -85,9 +85,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser, listen_default: str | Non
     group = parser.add_argument_group("engine")
     group.add_argument("model_tag", nargs="?", metavar="MODEL",
                        help="model directory (same as --model)")
-    group.add_argument("--model", action="append", help="HF-format model directory or "
-                       "diffusers pipeline folder (default: the bundled demo model); `serve` "
-                       "takes it more than once, one engine each")
+    group.add_argument("--model", action="append", help="HF-format model directory, "
+                       "diffusers pipeline folder or a bundled model's name (zomni-demo, the "
+                       "default; zomni-demo-image); `serve` takes it more than once, one "
+                       "engine each")
     group.add_argument("--listen", help="the engine's client address (ipc:// or tcp://); "
                        f"default {listen_default or 'a private ipc:// path'}")
     parser.set_defaults(default_listen=listen_default)
@@ -201,7 +202,8 @@ def package_version() -> str:
 
 def _models(args: argparse.Namespace) -> list[str | None]:
     models = [*([args.model_tag] if args.model_tag else []), *(args.model or [])]
-    return models or [None]  # None: ZOMNI_MODEL, else the demo model
+    # a shipped model's name (zomni-demo, zomni-demo-image) -> its folder
+    return [resolve_model(m) for m in models] or [None]  # None: ZOMNI_MODEL, else the demo
 
 
 def _engine_configs(args: argparse.Namespace) -> list[EngineConfig]:

@@ -21,7 +21,8 @@ setting, over the seeds:
 The bench model (`zomni.testing_images`, shape "bench": an SD3 MMDiT of 8 blocks, width 512,
 256x256 images) has RANDOM WEIGHTS: how much its blocks' outputs change between steps is not
 a trained model's, so the thresholds, skip counts and quality figures here say little about
-a real model; they check the mechanism and its cost. A trained demo image model comes later.
+a real model; they check the mechanism and its cost. `--model zomni/demo_image_model --size 64`
+measures the trained demo image model.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ import numpy as np
 
 from zomni.proto import StepCacheParams
 
-PROMPTS = ["a red circle on a blue background, top left", "a green square on a white background",
-           "a yellow triangle on a black background, bottom right",
-           "a blue star on an orange background, centre"]
+# in the demo image model's caption form (zomni-demo-image draws them; random weights don't care)
+PROMPTS = ["a large red circle on a blue background, top left",
+           "a small green square on a white background, bottom left",
+           "a large yellow triangle on a black background, bottom right",
+           "a small blue cross on a orange background, in the center"]
 
 
 def parse_cache(spec: str) -> dict:
@@ -188,7 +191,8 @@ def main() -> None:
         build_sd3_pipeline(model, shape="bench")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, python {sys.version.split()[0]}; {args.threads} threads")
-    print(f"model {model} (random weights): {args.size}x{args.size}, {args.steps} steps, "
+    weights = "random weights" if args.model is None else "weights of the folder"
+    print(f"model {model} ({weights}): {args.size}x{args.size}, {args.steps} steps, "
           f"guidance {args.guidance}; {args.images} seeds x {args.repeats} timings")
 
     engine = Engine(model, args)
