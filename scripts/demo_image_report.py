@@ -316,7 +316,8 @@ What mattered (earlier runs of this script, same data, scored the same way): wit
 to SD3's 77 rows, the sigma shift at 1.0 and 1500 steps, the model drew the colours (90% on
 held-out captions) but scattered them over the picture (position 12%, chance 20%); our
 reading: an image token's attention is spread over 256 identical T5 rows and 77 CLIP rows,
-most of them padding, so the caption's words weigh little (not measured further). With 20 CLIP rows (and the shift at 3.0, training more at high noise, where a
+most of them padding, so the caption's words weigh little (not measured further). With 20
+CLIP rows (and the shift at 3.0, training more at high noise, where a
 picture's layout is decided) 1200 steps already placed 92% of held-out shapes right.
 
 Time: {run["t_total"] / 60:.1f} min for the whole script: VAE and latents {run["t_vae"]:.0f} s,

@@ -28,7 +28,7 @@ Steps (deterministic for a given --seed on a given machine):
    captions, draw the contact sheet, write TRAINING.md.
 
 Usage:
-    python scripts/train_demo_image_model.py                      # full run (~20 min, 2 cores)
+    python scripts/train_demo_image_model.py                      # full run (~26 min, 2 cores)
     python scripts/train_demo_image_model.py --vae-steps 20 --steps 20 --images 256 \\
         --eval-images 4 --out /tmp/demo-image                      # smoke run
 """
