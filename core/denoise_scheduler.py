@@ -26,7 +26,6 @@ Invariants:
 
 from __future__ import annotations
 
-import collections
 import random
 import time
 from collections import defaultdict
@@ -39,7 +38,6 @@ from zomni.proto import (
     DenoiseRunnerOutput,
     DenoiseSchedulerOutput,
     EngineConfig,
-    EngineOverloaded,
     FinishReason,
     ImageModelInfo,
     ImageOutput,
@@ -54,6 +52,7 @@ from zomni.proto.sampling import partial_image_steps
 
 from .request import RequestStatus
 from .request_queue import RequestQueue
+from .scheduler_common import RecentRate, check_can_queue, take_out
 from .scheduler_interface import Outputs
 
 
@@ -109,7 +108,7 @@ class DenoiseScheduler:
         # for requests that bring no `cache` (checked when the config was built)
         self.default_cache = StepCacheParams.from_json(config.step_cache) \
             if config.step_cache else None
-        self._finished_images: collections.deque[tuple[float, int]] = collections.deque()
+        self._finished_images = RecentRate()
         self.images_total = 0
         self.denoising_steps_total = 0
 
@@ -119,12 +118,8 @@ class DenoiseScheduler:
         if not isinstance(request, ImageRequest):
             raise InvalidRequest("this engine serves an image model: send an ImageRequest",
                                  param="model")
-        if len(self.waiting) >= self.config.max_waiting_requests:
-            raise EngineOverloaded(f"{len(self.waiting)} requests are already waiting; "
-                                   "retry later")
-        if request.request_id in self.requests:
-            raise InvalidRequest(f"request id {request.request_id!r} is already in use",
-                                 param="request_id")
+        check_can_queue(request.request_id, self.requests, self.waiting,
+                        self.config.max_waiting_requests)
         data = self._resolve(request)
         if data.num_images > self.max_batch_images:
             raise InvalidRequest(f"the request asks for {data.num_images} images; this engine "
@@ -182,17 +177,13 @@ class DenoiseScheduler:
 
     def abort_requests(self, request_ids: Sequence[str]) -> Outputs:
         outputs: Outputs = defaultdict(list)
-        for request_id in request_ids:
-            request = self.requests.pop(request_id, None)
-            if request is None:
-                continue
-            if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
-                self.finished_req_ids.append(request_id)
-            else:
-                self.waiting.remove(request)
+        for request in take_out(request_ids, self.requests, self.running, self.waiting):
+            if request.status == RequestStatus.RUNNING:  # the workers hold its latents
+                self.finished_req_ids.append(request.request_id)
+            del self.requests[request.request_id]
             request.status = RequestStatus.FINISHED_ABORTED
-            outputs[request.client_id].append(ImageOutput(request_id, FinishReason.ABORT))
+            outputs[request.client_id].append(ImageOutput(request.request_id,
+                                                          FinishReason.ABORT))
         return dict(outputs)
 
     def error_output(self, request_id: str, error: ZomniError) -> ImageOutput:
@@ -203,13 +194,9 @@ class DenoiseScheduler:
         return bool(self.waiting or self.running)
 
     def get_stats(self) -> ImageStats:
-        now = time.monotonic()
-        while self._finished_images and now - self._finished_images[0][0] > 10.0:
-            self._finished_images.popleft()
-        span = now - self._finished_images[0][0] if len(self._finished_images) > 1 else 0.0
-        rate = sum(n for _, n in self._finished_images) / span if span > 0 else 0.0
         return ImageStats(num_waiting=len(self.waiting), num_running=len(self.running),
-                          images_per_s=rate, images_total=self.images_total,
+                          images_per_s=self._finished_images.per_s(),
+                          images_total=self.images_total,
                           denoising_steps_total=self.denoising_steps_total,
                           num_preemptions=self.num_preemptions)
 
@@ -315,5 +302,5 @@ class DenoiseScheduler:
                 queue_time_s=max(0.0, request.first_step_time - request.arrival_time),
                 num_computed_steps=num_computed, num_prompt_tokens=num_prompt_tokens))
             self.images_total += request.num_images
-            self._finished_images.append((time.monotonic(), request.num_images))
+            self._finished_images.add(request.num_images)
         return dict(outputs)

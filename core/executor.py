@@ -53,11 +53,10 @@ from zomni._process import WORKER_TOKEN_ENV, runtime_dir, worker_identity
 from zomni.proto import EngineConfig, EngineDead, InvalidRequest, MsgType, decode, encode
 from zomni.proto.config import WorkerConfig, to_json
 from zomni.proto.messages import (
-    ImageRunnerInfo,
+    RunnerInfo,
     Shutdown,
     StepPlan,
     StepResult,
-    TokenRunnerInfo,
     WorkerReady,
 )
 from zomni.workers.device import worker_env
@@ -109,7 +108,7 @@ class Executor:
             self.shutdown(graceful=False)
             raise EngineDead("worker ranks resolved different settings: "
                              + "; ".join(f"rank {r.rank}: {r.runner}" for r in ready))
-        self.runner_info: TokenRunnerInfo | ImageRunnerInfo = ready[0].runner
+        self.runner_info: RunnerInfo = ready[0].runner
         self.weight_bytes = [r.weight_bytes for r in ready]
         self.dtype = ready[0].dtype
 

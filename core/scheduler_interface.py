@@ -3,6 +3,7 @@
     kind    scheduler                          progress counter catching up with its target
     AR      token_scheduler.TokenScheduler     num_computed_tokens -> num_tokens
     IMAGE   denoise_scheduler.DenoiseScheduler num_completed_steps -> num_steps
+    DLLM    dllm_scheduler.DiffusionLMScheduler num_committed_blocks -> num_blocks
 
 The engine loop (engine.py) only calls these methods; it never looks inside a request, a plan
 or a result, so a new kind is a new scheduler (plus its runner and wire structs), not a change
@@ -16,14 +17,12 @@ from typing import Protocol
 
 from zomni.proto import EngineConfig, ModelInfo, ModelKind, ZomniError
 from zomni.proto.messages import (
-    ImageRunnerInfo,
-    ImageStats,
     Output,
     Request,
+    RunnerInfo,
+    SchedulerStats,
     StepPlan,
     StepResult,
-    TokenRunnerInfo,
-    TokenStats,
 )
 
 Outputs = dict[bytes, list[Output]]  # per client identity, in the order they were made
@@ -54,16 +53,20 @@ class SchedulerInterface(Protocol):
     def error_output(self, request_id: str, error: ZomniError) -> Output:
         """The output that tells a client its request was refused."""
 
-    def get_stats(self) -> TokenStats | ImageStats: ...
+    def get_stats(self) -> SchedulerStats: ...
 
 
 def make_scheduler(config: EngineConfig, model: ModelInfo,
-                   runner: TokenRunnerInfo | ImageRunnerInfo) -> SchedulerInterface:
+                   runner: RunnerInfo) -> SchedulerInterface:
     """The scheduler for `model`'s kind, sized by what the workers resolved (`runner`)."""
     if model.kind == ModelKind.IMAGE:
         from .denoise_scheduler import DenoiseScheduler
 
         return DenoiseScheduler(config, model.details, runner)
+    if model.kind == ModelKind.DLLM:
+        from .dllm_scheduler import DiffusionLMScheduler
+
+        return DiffusionLMScheduler(config, model.details, runner)
     from .token_scheduler import TokenScheduler
 
     return TokenScheduler(config, model.details, runner)

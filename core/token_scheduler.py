@@ -18,9 +18,7 @@ its length limit is not scheduled again.
 
 from __future__ import annotations
 
-import collections
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -29,12 +27,12 @@ from zomni.proto import (
     ContextLengthExceeded,
     EngineConfig,
     EngineOutput,
-    EngineOverloaded,
     EngineRequest,
     FinishReason,
     InvalidRequest,
     ModelRunnerOutput,
     NewRequestData,
+    SamplingParams,
     SchedulerOutput,
     TokenLogprobs,
     TokenModelInfo,
@@ -46,6 +44,7 @@ from zomni.proto import (
 from .kv_cache_manager import KVCacheManager
 from .request import Request, RequestStatus
 from .request_queue import RequestQueue
+from .scheduler_common import RecentRate, check_can_queue, take_out
 from .scheduler_interface import Outputs
 
 logger = logging.getLogger("zomni.scheduler")
@@ -115,7 +114,7 @@ class TokenScheduler:
         self.num_preemptions = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        self._generated: collections.deque[tuple[float, int]] = collections.deque()
+        self._generated = RecentRate()  # generated tokens
 
     # ---- requests in and out --------------------------------------------------------------
 
@@ -127,12 +126,8 @@ class TokenScheduler:
         """
         if not isinstance(request, Request):
             request = self._from_wire(request, client_id)
-        if len(self.waiting) >= self.config.max_waiting_requests:
-            raise EngineOverloaded(f"{len(self.waiting)} requests are already waiting; "
-                                   "retry later")
-        if request.request_id in self.requests:
-            raise InvalidRequest(f"request id {request.request_id!r} is already in use",
-                                 param="request_id")
+        check_can_queue(request.request_id, self.requests, self.waiting,
+                        self.config.max_waiting_requests)
         if not 0 < request.num_prompt_tokens < self.max_num_tokens:
             # The engine checks max_model_len first; the KV cache may hold fewer tokens.
             raise ContextLengthExceeded(
@@ -148,6 +143,10 @@ class TokenScheduler:
         if not isinstance(req, EngineRequest):
             raise InvalidRequest("this engine serves an LLM: send an EngineRequest (token ids "
                                  "and SamplingParams)", param="model")
+        if req.sampling.diffusion is not None:
+            raise InvalidRequest("diffusion (steps, block_length, remasking, threshold, cache, "
+                                 "cfg_scale) applies to masked-diffusion LMs; this engine "
+                                 "serves an autoregressive LLM", param="diffusion")
         vocab = self.model.vocab_size
         if req.prompt_token_ids and not (min(req.prompt_token_ids) >= 0
                                          and max(req.prompt_token_ids) < vocab):
@@ -162,25 +161,15 @@ class TokenScheduler:
         return Request.from_engine_request(req, client_id, self.max_model_len)
 
     def error_output(self, request_id: str, error: ZomniError) -> EngineOutput:
-        return EngineOutput(request_id, [], finish_reason=FinishReason.ERROR,
-                            error=error.message, error_kind=type(error).__name__,
-                            error_param=error.param or "")
+        return engine_error_output(request_id, error)
 
     def abort_requests(self, request_ids: Sequence[str]) -> Outputs:
         """Finish the given requests as aborted; the final outputs of those that existed and
         were unfinished. Their blocks are freed now; ids the worker holds go into the next
         plan's `finished_request_ids`."""
-        aborted = []
-        for request_id in request_ids:
-            request = self.requests.get(request_id)
-            if request is None:
-                continue
-            if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
-            else:
-                self.waiting.remove(request)
+        aborted = take_out(request_ids, self.requests, self.running, self.waiting)
+        for request in aborted:
             self._finish(request, RequestStatus.FINISHED_ABORTED)
-            aborted.append(request)
         outputs = finished_outputs(aborted)
         self.prompt_tokens_total += sum(o.num_prompt_tokens for outs in outputs.values()
                                         for o in outs)
@@ -194,15 +183,11 @@ class TokenScheduler:
         return request_id in self.requests
 
     def get_stats(self) -> TokenStats:
-        now = time.monotonic()
-        while self._generated and now - self._generated[0][0] > 10.0:
-            self._generated.popleft()
-        span = now - self._generated[0][0] if len(self._generated) > 1 else 0.0
-        rate = sum(n for _, n in self._generated) / span if span > 0 else 0.0
         kv = self.kv_cache_manager
         return TokenStats(num_waiting=len(self.waiting), num_running=len(self.running),
                           kv_usage=kv.usage, num_kv_blocks=kv.num_blocks,
-                          prefix_cache_hit_rate=kv.hit_rate, generation_tokens_per_s=rate,
+                          prefix_cache_hit_rate=kv.hit_rate,
+                          generation_tokens_per_s=self._generated.per_s(),
                           prompt_tokens_total=self.prompt_tokens_total,
                           generation_tokens_total=self.generation_tokens_total,
                           num_preemptions=self.num_preemptions)
@@ -366,7 +351,7 @@ class TokenScheduler:
             self.prompt_tokens_total += output.num_prompt_tokens
             num_new += 1
         self.generation_tokens_total += num_new
-        self._generated.append((time.monotonic(), num_new))
+        self._generated.add(num_new)
         return dict(outputs)
 
     def _add_prompt_logprobs(self, scheduler_output: SchedulerOutput,
@@ -401,9 +386,7 @@ class TokenScheduler:
         """
         sampling = request.sampling
         token_id = request.output_token_ids[-1]
-        if request.num_output_tokens >= sampling.min_tokens and (
-                (token_id in self.eos_token_ids and not sampling.ignore_eos)
-                or (sampling.stop_token_ids and token_id in sampling.stop_token_ids)):
+        if is_stop_token(token_id, request.num_output_tokens, sampling, self.eos_token_ids):
             return RequestStatus.FINISHED_STOPPED
         if (request.num_output_tokens >= request.max_tokens
                 or request.num_tokens >= self.max_num_tokens):
@@ -417,6 +400,21 @@ class TokenScheduler:
         self.kv_cache_manager.free(request)
         request.status = status
         del self.requests[request.request_id]
+
+
+def is_stop_token(token_id: int, num_output_tokens: int, sampling: SamplingParams,
+                  eos_token_ids: frozenset[int]) -> bool:
+    """True when `token_id`, a request's `num_output_tokens`-th output, ends it: EOS unless
+    ignore_eos, or a stop_token_ids hit, once `min_tokens` outputs exist."""
+    return num_output_tokens >= sampling.min_tokens and bool(
+        (token_id in eos_token_ids and not sampling.ignore_eos)
+        or (sampling.stop_token_ids and token_id in sampling.stop_token_ids))
+
+
+def engine_error_output(request_id: str, error: ZomniError) -> EngineOutput:
+    """The output that ends a token request (AR or masked-diffusion) with `error`."""
+    return EngineOutput(request_id, [], finish_reason=FinishReason.ERROR, error=error.message,
+                        error_kind=type(error).__name__, error_param=error.param or "")
 
 
 def finished_outputs(requests: list[Request], finish_reason: FinishReason = FinishReason.ABORT,

@@ -6,10 +6,14 @@
         outs = llm.generate_images(["a red circle"], ImageParams(seed=0))
         outs[0].images[0].save("circle.png")
 
+    with LLM(model="path/to/llada-or-dream") as llm:      # a masked-diffusion LM
+        outs = llm.generate(["Hello"], SamplingParams(
+            max_tokens=64, temperature=0, diffusion=DiffusionParams(cache="dual")))
+
 Both start a real engine-core process (which starts the workers) and talk to it over ZMQ. The
-model folder decides what they serve: an LLM (`generate`, `chat`; its tokenizer is loaded
-here) or an image model (`generate_images`; no tokenizer here, the workers encode prompts).
-Calling the other kind's method is an `InvalidRequest`.
+model folder decides what they serve: an LLM or a masked-diffusion LM (`generate`, `chat`; its
+tokenizer is loaded here) or an image model (`generate_images`; no tokenizer here, the workers
+encode prompts). Calling the other kind's method is an `InvalidRequest`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from zomni.proto import (
+    DiffusionParams,
     EngineDead,
     EngineRequest,
     ImageParams,
@@ -32,9 +37,9 @@ from zomni.proto import (
     Stats,
 )
 from zomni.proto.client import AsyncEngineClient, EngineClient, output_error
-from zomni.proto.model_info import model_kind
+from zomni.proto.model_info import architecture_of, model_kind
 
-from .generation_config import generation_defaults
+from .generation_config import diffusion_lm_defaults, generation_defaults
 from .images import (
     ImageGenerationOutput,
     image_requests,
@@ -52,9 +57,12 @@ from .tokenizer import (
 )
 
 __all__ = ["LLM", "AsyncLLM", "RequestOutput", "CompletionOutput", "SamplingParams",
-           "ImageParams", "ImageGenerationOutput"]
-_KINDS = {ModelKind.AR: "an LLM", ModelKind.IMAGE: "an image model"}
-_METHODS = {ModelKind.AR: "generate() / chat()", ModelKind.IMAGE: "generate_images()"}
+           "DiffusionParams", "ImageParams", "ImageGenerationOutput"]
+_KINDS = {ModelKind.AR: "an LLM", ModelKind.IMAGE: "an image model",
+          ModelKind.DLLM: "a masked-diffusion LM"}
+_METHODS = {ModelKind.AR: "generate() / chat()", ModelKind.IMAGE: "generate_images()",
+            ModelKind.DLLM: "generate() / chat()"}
+_TEXT_KINDS = (ModelKind.AR, ModelKind.DLLM)  # the kinds generate() and chat() serve
 
 
 class _Base:
@@ -68,11 +76,15 @@ class _Base:
                                   dtype=dtype, max_model_len=max_model_len, seed=seed, **kwargs)
         self.kind = model_kind(self.config.model)
         # An image pipeline's tokenizers are the workers' business (they encode prompts).
-        self.tokenizer = load_tokenizer(self.config.model) if self.kind == ModelKind.AR \
+        self.tokenizer = load_tokenizer(self.config.model) if self.kind in _TEXT_KINDS \
             else None
         # the model's sampling defaults (generation_config.json), for calls without params
         self.generation_defaults = generation_defaults(self.config.model) \
-            if self.kind == ModelKind.AR else {}
+            if self.kind in _TEXT_KINDS else {}
+        if self.kind == ModelKind.DLLM:
+            self.generation_defaults = diffusion_lm_defaults(
+                self.generation_defaults,
+                architecture_of(self.config.model)[1].default_remasking)
         self.ready: Ready | None = None
         self.engine: EngineProcess | None = EngineProcess(self.config)
 
@@ -82,7 +94,8 @@ class _Base:
         return SamplingParams(**self.generation_defaults)
 
     def _require(self, kind: ModelKind, method: str) -> None:
-        if self.kind != kind:
+        """`kind` AR: a text method, which masked-diffusion LMs serve too."""
+        if self.kind != kind and not (kind == ModelKind.AR and self.kind in _TEXT_KINDS):
             raise InvalidRequest(f"{method}() needs {_KINDS[kind]}; {self.config.model!r} is "
                                  f"{_KINDS[self.kind]}: use {_METHODS[self.kind]}",
                                  param="model")

@@ -33,7 +33,7 @@ import msgspec
 
 from zomni._process import new_ipc_address
 from zomni.proto import EngineConfig, InvalidRequest, ModelKind, ZomniError, keys
-from zomni.proto.config import LLM_ONLY_FIELDS
+from zomni.proto.config import refused_fields
 from zomni.proto.model_info import model_kind
 
 from . import server
@@ -85,10 +85,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser, listen_default: str | Non
     group = parser.add_argument_group("engine")
     group.add_argument("model_tag", nargs="?", metavar="MODEL",
                        help="model directory (same as --model)")
-    group.add_argument("--model", action="append", help="HF-format model directory, "
-                       "diffusers pipeline folder or a bundled model's name (zomni-demo, the "
-                       "default; zomni-demo-image); `serve` takes it more than once, one "
-                       "engine each")
+    group.add_argument("--model", action="append", help="HF-format model directory (an LLM, "
+                       "or a LLaDA / Dream masked-diffusion LM), diffusers pipeline folder "
+                       "or a bundled model's name (zomni-demo, the default; "
+                       "zomni-demo-image, zomni-demo-dllm); `serve` takes it more than once, "
+                       "one engine each")
     group.add_argument("--listen", help="the engine's client address (ipc:// or tcp://); "
                        f"default {listen_default or 'a private ipc:// path'}")
     parser.set_defaults(default_listen=listen_default)
@@ -207,8 +208,9 @@ def _models(args: argparse.Namespace) -> list[str | None]:
 
 
 def _engine_configs(args: argparse.Namespace) -> list[EngineConfig]:
-    """One engine config per model. With several models, LLM-only flags go to the LLMs (an
-    image model refuses them); given to image models only, they are refused as usual."""
+    """One engine config per model. With several models, a flag goes to the models that take
+    it (an image model refuses LLM flags, a masked-diffusion LM the autoregressive-only ones);
+    given to no model that takes it, it is refused as usual."""
     overrides = {f: getattr(args, f) for f in EngineConfig.__struct_fields__
                  if f not in ("model", "listen")}
     models = _models(args)
@@ -216,13 +218,12 @@ def _engine_configs(args: argparse.Namespace) -> list[EngineConfig]:
         raise InvalidRequest("--listen (ZOMNI_LISTEN) names one engine's address; leave it "
                              "out to serve several models", param="listen")
     kinds = [model_kind(m) if m else ModelKind.AR for m in models]
-    image_overrides = overrides
-    if len(models) > 1 and ModelKind.AR in kinds:
-        image_overrides = {f: v for f, v in overrides.items() if f not in LLM_ONLY_FIELDS}
     configs = []
     for model, kind in zip(models, kinds):
-        cfg = make_config(model, online_default=True, listen=args.listen,
-                          **(overrides if kind == ModelKind.AR else image_overrides))
+        # a flag some other model takes is not given to a model that refuses it
+        mine = {f: v for f, v in overrides.items() if f not in refused_fields(kind)
+                or not any(f not in refused_fields(k) for k in kinds)}
+        cfg = make_config(model, online_default=True, listen=args.listen, **mine)
         if not cfg.listen and args.default_listen:  # neither --listen nor ZOMNI_LISTEN
             cfg.listen = args.default_listen
         configs.append(cfg)

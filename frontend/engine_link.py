@@ -19,8 +19,9 @@ Shutdown (SIGINT / SIGTERM) drains: new requests get 503, requests in flight run
 `data: [DONE]`) and are aborted in their engines. A second signal ends the drain at once.
 
 Routing: a request naming a model goes to the engine serving that name; one naming none goes
-to the only engine of the kind the endpoint needs (LLM or image model), else it is a 400
-listing the names. Asking an engine for the wrong kind of work is a 400 naming `model`.
+to the only engine of the kind the endpoint needs (a text model: an LLM or a masked-diffusion
+LM; or an image model), else it is a 400 listing the names. Asking an engine for the wrong
+kind of work is a 400 naming `model`.
 """
 
 from __future__ import annotations
@@ -51,8 +52,12 @@ DEATH_GRACE_S = 2.0  # time to answer in-flight requests with 503 before exiting
 # A PONG takes milliseconds: the engine answers pings between steps and while it waits for one.
 HEALTH_PING_TIMEOUT_S = 2.0
 Serving = OpenAIServing | ImageServing
-_KIND_NAMES = {ModelKind.AR: "an LLM", ModelKind.IMAGE: "an image model"}
+_KIND_NAMES = {ModelKind.AR: "an LLM", ModelKind.IMAGE: "an image model",
+               ModelKind.DLLM: "a masked-diffusion LM"}
 _KIND_PLURALS = {ModelKind.AR: "LLMs", ModelKind.IMAGE: "image models"}
+# an endpoint's kind -> the kinds of model that serve it: text endpoints take both LMs
+SERVED_BY = {ModelKind.AR: (ModelKind.AR, ModelKind.DLLM), ModelKind.IMAGE: (ModelKind.IMAGE,)}
+TEXT_KINDS = SERVED_BY[ModelKind.AR]
 
 
 class EngineLink:
@@ -105,7 +110,7 @@ class EngineLink:
         # tokenizer while the engine loads its model; unknown, warm up `transformers`.
         known = model_kind(self.process.config.model) if self.process is not None else None
         early = self.tokenizer_path or (self.process.config.model
-                                        if known == ModelKind.AR else None)
+                                        if known in TEXT_KINDS else None)
         loading = None
         if early or known is None:
             loading = asyncio.create_task(asyncio.to_thread(
@@ -114,7 +119,7 @@ class EngineLink:
             ready = await self.client.connect(self.ready_timeout, client_name="http-frontend")
             info = ready.model
             tokenizer = await loading if loading is not None else None
-            if info.kind == ModelKind.AR and not early:
+            if info.kind in TEXT_KINDS and not early:
                 tokenizer = await asyncio.to_thread(load_tokenizer, info.model)
         except Exception as e:  # noqa: BLE001 - any failure here means we cannot serve
             self._die(f"could not connect: {e}")
@@ -137,9 +142,9 @@ class EngineLink:
         else:
             self.serving = OpenAIServing(self.client, tokenizer, info, [name], metrics,
                                          self.max_inflight)
-            logger.info("engine ready: %s (%s, max_model_len %d, %d KV blocks); serving it "
-                        "as %r", info.model, info.architecture, info.details.max_model_len,
-                        ready.runner.num_kv_blocks, name)
+            logger.info("engine ready: %s (%s, %s, max_model_len %d, %d KV blocks); serving "
+                        "it as %r", info.model, info.architecture, info.kind,
+                        info.details.max_model_len, ready.runner.num_kv_blocks, name)
         self._die(await self._watch())
 
     async def _watch(self) -> str:
@@ -259,7 +264,7 @@ class Engines:
                                      f"serves {self.names()}", param="model")
         else:
             self._all_started()
-            of_kind = [lk for lk in self.links if lk.kind == kind]
+            of_kind = [lk for lk in self.links if lk.kind in SERVED_BY[kind]]
             if not of_kind:
                 raise InvalidRequest(f"{endpoint} needs {_KIND_NAMES[kind]}; this server "
                                      f"serves none (models: {self.names()})", param="model")
@@ -269,7 +274,7 @@ class Engines:
                                      param="model")
             link = of_kind[0]
         serving = link.ready_serving()
-        if link.kind != kind:
+        if link.kind not in SERVED_BY[kind]:
             raise InvalidRequest(f"the model {link.name!r} is {_KIND_NAMES[link.kind]}; "
                                  f"{endpoint} needs {_KIND_NAMES[kind]}", param="model")
         return serving

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from zomni.proto.diffusion import LLADA_REMASKING
+
 logger = logging.getLogger("zomni.frontend")
 
 # generation_config.json key -> SamplingParams field (vLLM's list, less max_new_tokens)
@@ -39,3 +41,11 @@ def generation_defaults(*folders: str | None) -> dict[str, Any]:
             logger.info("sampling defaults from %s: %s", path, found)
         return found
     return {}
+
+
+def diffusion_lm_defaults(defaults: dict[str, Any], remasking: str) -> dict[str, Any]:
+    """The defaults a masked-diffusion LM honours: `temperature`, and `top_p` / `top_k` when it
+    decodes with Dream's remasking. The rest (`min_p`, `repetition_penalty`) would make every
+    request that leaves them out a 400, for a value the user never sent."""
+    kept = ("temperature",) if remasking in LLADA_REMASKING else ("temperature", "top_p", "top_k")
+    return {k: v for k, v in defaults.items() if k in kept}

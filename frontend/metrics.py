@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from zomni.proto import ImageStats, ModelKind, Stats, TokenStats
+from zomni.proto import DiffusionLMStats, ImageStats, ModelKind, Stats, TokenStats
 
 from .ratelimit import charge_tokens, current_token_meter
 
@@ -27,6 +27,7 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05
                 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 _IMAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 _FINISH_REASONS = {ModelKind.AR: ("stop", "length", "abort", "error"),
+                   ModelKind.DLLM: ("stop", "length", "abort", "error"),
                    ModelKind.IMAGE: ("stop", "abort", "error")}
 
 
@@ -92,7 +93,7 @@ class ModelMetrics:
         self.step_time = metrics.step_time.labels(**bind)
         self.finished = {reason: metrics.finished.labels(**bind, finished_reason=reason)
                          for reason in _FINISH_REASONS[kind]}
-        if kind == ModelKind.AR:
+        if kind in (ModelKind.AR, ModelKind.DLLM):  # text: token series (a dLLM's per block)
             self.ttft = metrics.ttft.labels(**bind)
             self.itl = metrics.itl.labels(**bind)
             self.e2e = metrics.e2e.labels(**bind)
@@ -109,7 +110,7 @@ class ModelMetrics:
         self.running.set(sched.num_running)
         self.waiting.set(sched.num_waiting)
         self.step_time.set(stats.step_time_s)
-        if isinstance(sched, TokenStats) and self.kind == ModelKind.AR:
+        if isinstance(sched, (TokenStats, DiffusionLMStats)) and self.kind != ModelKind.IMAGE:
             self.kv_usage.set(sched.kv_usage)
         elif isinstance(sched, ImageStats) and self.kind == ModelKind.IMAGE:
             self.images_per_s.set(sched.images_per_s)

@@ -6,6 +6,12 @@ so clients and tools written for either work unchanged. Every field a struct dec
 honoured or refused: an OpenAI option zomni does not implement is a 400 naming it unless it
 asks for what zomni does anyway (`_UNSUPPORTED`). Fields neither API defines are ignored, as
 both servers do.
+
+Masked-diffusion LMs (LLaDA, Dream) take zomni's own fields besides (`DIFFUSION_FIELDS`:
+`steps`, `block_length`, `remasking`, `threshold`, `cache`, `cfg_scale`, as in
+`proto.sampling.DiffusionParams`); an autoregressive LLM refuses them, and a masked-diffusion
+LM refuses the options it cannot honour (logprobs, penalties, logit_bias, best_of), each with a
+400 naming the field.
 """
 
 from __future__ import annotations
@@ -15,7 +21,15 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from zomni.proto import ImageModelInfo, InvalidRequest, SamplingParams, TokenModelInfo
+from zomni.proto import (
+    DiffusionLMModelInfo,
+    DiffusionParams,
+    ImageModelInfo,
+    InvalidRequest,
+    ModelKind,
+    SamplingParams,
+    TokenModelInfo,
+)
 from zomni.proto.sampling import MAX_LOGIT_BIAS_ENTRIES, MAX_N, MAX_STOP
 
 from .outputs import PositionLogprobs
@@ -58,6 +72,13 @@ class _GenerationRequest(msgspec.Struct, kw_only=True):
     include_stop_str_in_output: bool = False
     priority: int = 0
     prompt_logprobs: int | None = None
+    # zomni: how a masked-diffusion LM decodes (DiffusionParams; None: the model's default)
+    steps: int | None = None
+    block_length: int | None = None
+    remasking: str | None = None
+    threshold: float | None = None
+    cache: str | None = None
+    cfg_scale: float | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -83,6 +104,27 @@ class _GenerationRequest(msgspec.Struct, kw_only=True):
             raise InvalidRequest("prompt_logprobs cannot be streamed; send stream=false",
                                  param="prompt_logprobs")
 
+    def check_kind(self, kind: ModelKind, model: str) -> None:
+        """Fields the model's kind cannot honour: diffusion fields for an autoregressive LLM,
+        best_of for a masked-diffusion LM (the rest it refuses, `SamplingParams`'
+        `check_diffusion_lm`, are checked once the params are built)."""
+        if kind == ModelKind.AR:
+            given = [f for f in DIFFUSION_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise InvalidRequest(f"{', '.join(given)} apply to masked-diffusion LMs; "
+                                     f"{model!r} is an autoregressive LLM", param=given[0])
+        best_of = getattr(self, "best_of", None)
+        if kind == ModelKind.DLLM and best_of is not None and best_of != self.n:
+            raise InvalidRequest(f"best_of is not supported by {model!r}, a masked-diffusion LM "
+                                 "(it ranks samples by logprobs, which it does not compute)",
+                                 param="best_of")
+
+    def diffusion_params(self) -> DiffusionParams | None:
+        """The request's DiffusionParams (its checks raise `InvalidRequest` naming the
+        field); None when it sets none of them."""
+        given = {f: getattr(self, f) for f in DIFFUSION_FIELDS if getattr(self, f) is not None}
+        return DiffusionParams(**given) if given else None
+
     def sampling_params(self, vocab_size: int, defaults: dict[str, Any],
                         max_tokens: int | None, logprobs: int | None, n: int | None = None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
@@ -107,9 +149,10 @@ class _GenerationRequest(msgspec.Struct, kw_only=True):
             logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=logit_bias_ids(self.logit_bias, vocab_size),
-            prompt_logprobs=prompt_logprobs)
+            prompt_logprobs=prompt_logprobs, diffusion=self.diffusion_params())
 
 
+DIFFUSION_FIELDS = tuple(DiffusionParams.__struct_fields__)
 _TOKEN_ID = re.compile(r"^[0-9]{1,19}$")
 
 
@@ -347,16 +390,22 @@ def prompt_logprobs_json(entries: list[PositionLogprobs | None] | None
         for token_id, lp in entry.items()} for entry in entries]
 
 
-def model_card(name: str, root: str, details: TokenModelInfo | ImageModelInfo, created: int
+def model_card(name: str, root: str,
+               details: TokenModelInfo | ImageModelInfo | DiffusionLMModelInfo, created: int
                ) -> dict[str, Any]:
     """/v1/models's entry: OpenAI's fields, vLLM's `root` and `max_model_len` (LLMs only), and
-    zomni's `zomni_kind` ("ar" or "image"); an image model's `zomni_image` says what its
-    requests take (a prompt or `class_labels`) and its default size."""
+    zomni's `zomni_kind` ("ar", "dllm" or "image"); a masked-diffusion LM's `zomni_diffusion`
+    holds its decoding defaults; an image model's `zomni_image` says what its requests take (a
+    prompt or `class_labels`) and its default size."""
     card: dict[str, Any] = {"id": name, "object": "model", "created": created,
                             "owned_by": "zomni", "root": root, "parent": None,
                             "permission": []}
     if isinstance(details, TokenModelInfo):
         return {**card, "max_model_len": details.max_model_len, "zomni_kind": "ar"}
+    if isinstance(details, DiffusionLMModelInfo):
+        return {**card, "max_model_len": details.max_model_len, "zomni_kind": "dllm",
+                "zomni_diffusion": {"remasking": details.remasking,
+                                    "block_length": details.block_length}}
     return {**card, "zomni_kind": "image", "zomni_image": {
         "conditioning": details.conditioning, "num_classes": details.num_classes,
         "default_size": f"{details.default_width}x{details.default_height}"}}

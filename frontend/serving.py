@@ -25,6 +25,7 @@ from zomni.proto import (
     EngineOverloaded,
     InvalidRequest,
     ModelInfo,
+    ModelKind,
     SamplingParams,
     ZomniError,
 )
@@ -33,7 +34,7 @@ from zomni.proto.client import AsyncEngineClient
 from . import openai_protocol as oai
 from .chat import chat_chunks, chat_response
 from .completions import completion_chunks, completion_response
-from .generation_config import generation_defaults
+from .generation_config import diffusion_lm_defaults, generation_defaults
 from .metrics import ModelMetrics, SequenceTimer
 from .outputs import RequestState, child_requests
 from .sequences import Item, Sequence, merge_sequences
@@ -45,7 +46,9 @@ _encode = msgspec.json.Encoder().encode
 
 
 class OpenAIServing:
-    """The completions and chat endpoints over one engine client."""
+    """The completions and chat endpoints over one engine client: an autoregressive LLM's, or
+    a masked-diffusion LM's (the same requests and outputs; its diffusion fields checked and
+    its unsupported options refused here, before any work)."""
 
     def __init__(self, client: AsyncEngineClient, tokenizer, info: ModelInfo,
                  model_names: list[str], metrics: ModelMetrics, max_inflight: int):
@@ -66,6 +69,20 @@ class OpenAIServing:
                              f"{', '.join(map(repr, self.model_names))}", param="model")
 
     # ---- requests in ----------------------------------------------------------------------
+
+    def _defaults(self, body: oai._GenerationRequest) -> dict[str, Any]:
+        """The model's sampling defaults this request takes (a masked-diffusion LM's: those
+        its remasking honours)."""
+        if self.info.kind != ModelKind.DLLM:
+            return self.defaults
+        return diffusion_lm_defaults(self.defaults,
+                                     body.remasking or self.info.details.remasking)
+
+    def _check_params(self, params: SamplingParams, name: str) -> None:
+        """A masked-diffusion LM refuses what it cannot honour (the engine would too), before
+        any work."""
+        if self.info.kind == ModelKind.DLLM:
+            params.check_diffusion_lm(repr(name))
 
     def _check_fanout(self, num_prompts: int, samples: int, samples_param: str) -> None:
         """A request of more sequences than may ever be in flight can never be served: a 400
@@ -147,10 +164,12 @@ class OpenAIServing:
                           http_request: web.Request) -> web.StreamResponse:
         name = self.check_model(body.model)
         body.check_fields()
+        body.check_kind(self.info.kind, name)
         raw_prompts = body.prompts()
         self._check_fanout(len(raw_prompts), body.samples,
                            "best_of" if body.best_of else "n")
-        params = body.completion_params(self.info.details.vocab_size, self.defaults)
+        params = body.completion_params(self.info.details.vocab_size, self._defaults(body))
+        self._check_params(params, name)
         limit = self.info.details.max_model_len
         prompts = [await encode_prompt_async(self.tokenizer, p, limit) for p in raw_prompts]
         response_id = f"cmpl-{request_id}"
@@ -173,11 +192,13 @@ class OpenAIServing:
                    http_request: web.Request) -> web.StreamResponse:
         name = self.check_model(body.model)
         body.check_fields()
+        body.check_kind(self.info.kind, name)
         self._check_fanout(1, body.n, "n")
         num_top = body.requested_logprobs()
-        params = body.sampling_params(self.info.details.vocab_size, self.defaults,
+        params = body.sampling_params(self.info.details.vocab_size, self._defaults(body),
                                       body.requested_max_tokens(), num_top,
                                       prompt_logprobs=body.prompt_logprobs)
+        self._check_params(params, name)
         ids = await apply_chat_template_async(
             self.tokenizer, [m.for_template() for m in body.messages],
             body.add_generation_prompt, body.chat_template_kwargs,

@@ -5,6 +5,7 @@ Importing this package never imports torch; a custom frontend needs nothing else
 
 from .codec import SCHEMA_HASH, decode, encode
 from .config import EngineConfig, WorkerConfig
+from .diffusion import DiffusionParams
 from .errors import (
     ContextLengthExceeded,
     EngineDead,
@@ -21,6 +22,12 @@ from .messages import (
     DenoiseRequestData,
     DenoiseRunnerOutput,
     DenoiseSchedulerOutput,
+    DiffusionLMModelInfo,
+    DiffusionLMRequestData,
+    DiffusionLMRunnerInfo,
+    DiffusionLMRunnerOutput,
+    DiffusionLMSchedulerOutput,
+    DiffusionLMStats,
     Empty,
     EngineDeadMsg,
     EngineOutput,
@@ -54,13 +61,14 @@ from .sampling import ImageParams, SamplingParams, StepCacheParams
 
 __all__ = [
     "PROTOCOL_VERSION", "SCHEMA_HASH", "Abort", "ArrayRef", "CachedRequestData",
-    "ContextLengthExceeded", "DenoiseRequestData", "DenoiseRunnerOutput",
-    "DenoiseSchedulerOutput", "Empty", "EngineConfig", "EngineDead", "EngineDeadMsg",
-    "EngineOutput", "EngineOutputs", "EngineOverloaded", "EngineRequest", "ErrorMsg",
-    "FinishReason", "Hello", "ImageModelInfo", "ImageOutput", "ImageParams", "ImageRequest",
-    "ImageRunnerInfo", "ImageStats", "InvalidRequest", "ModelInfo", "ModelKind",
-    "ModelRunnerOutput", "MsgType", "NewRequestData", "ProtocolMismatch", "Ready",
-    "SamplingParams", "SchedulerOutput", "Shutdown", "Stats", "StepCacheParams", "TokenLogprobs",
-    "TokenModelInfo", "TokenRunnerInfo", "TokenStats", "WorkerConfig", "WorkerError",
-    "WorkerReady", "ZomniError", "decode", "encode",
+    "ContextLengthExceeded", "DenoiseRequestData", "DenoiseRunnerOutput", "DenoiseSchedulerOutput",
+    "DiffusionLMModelInfo", "DiffusionLMRequestData", "DiffusionLMRunnerInfo",
+    "DiffusionLMRunnerOutput", "DiffusionLMSchedulerOutput", "DiffusionLMStats", "DiffusionParams",
+    "Empty", "EngineConfig", "EngineDead", "EngineDeadMsg", "EngineOutput",
+    "EngineOutputs", "EngineOverloaded", "EngineRequest", "ErrorMsg", "FinishReason", "Hello",
+    "ImageModelInfo", "ImageOutput", "ImageParams", "ImageRequest", "ImageRunnerInfo",
+    "ImageStats", "InvalidRequest", "ModelInfo", "ModelKind", "ModelRunnerOutput", "MsgType",
+    "NewRequestData", "ProtocolMismatch", "Ready", "SamplingParams", "SchedulerOutput", "Shutdown",
+    "Stats", "StepCacheParams", "TokenLogprobs", "TokenModelInfo", "TokenRunnerInfo", "TokenStats",
+    "WorkerConfig", "WorkerError", "WorkerReady", "ZomniError", "decode", "encode",
 ]

@@ -21,9 +21,10 @@ from .sampling import StepCacheParams
 class EngineConfig(msgspec.Struct, kw_only=True):
     """Everything the engine core and its workers need; printed once at start.
 
-    Fields marked LLM apply to LLMs (AR) only: given for an image model they are an error,
-    not silently ignored. None means "the workers' default for their device"
-    (`zomni.workers.device`), which they report in WORKER_READY.
+    Fields marked LLM apply to LLMs (AR, and masked-diffusion LMs unless marked AR): given for
+    a model they do not apply to they are an error, not silently ignored. None means "the
+    workers' default for their device" (`zomni.workers.device`), which they report in
+    WORKER_READY.
     """
 
     model: str
@@ -35,11 +36,11 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     kv_cache_memory_gb: float | None = None  # LLM, per worker (2 GiB); sets the block count
     num_kv_blocks: int | None = None  # LLM: overrides kv_cache_memory_gb (tests use it)
     max_num_seqs: int = 128  # LLM: sequences running at once; image: images in one batch
-    max_num_batched_tokens: int | None = None  # LLM: the step's token budget
+    max_num_batched_tokens: int | None = None  # LLM (AR): the step's token budget
     max_waiting_requests: int = 4096
-    enable_prefix_caching: bool | None = None  # LLM (on by default)
+    enable_prefix_caching: bool | None = None  # LLM (AR; on by default)
     # plan step N+1 while the workers run step N; None: the kind's default (the scheduler's
-    # `max_plans_in_flight`): on for LLMs, off for image models
+    # `max_plans_in_flight`): on for LLMs, off for image models; masked-diffusion LMs refuse it
     async_scheduling: bool | None = None
     online: bool = False  # requests arrive over time (serve, AsyncLLM): defaults favour latency
     seed: int = 0
@@ -87,11 +88,16 @@ class EngineConfig(msgspec.Struct, kw_only=True):
         if self.device not in ("auto", "cpu", "cuda"):
             raise InvalidRequest(f"unknown device {self.device!r}", param="device")
         kind = model_kind(self.model)  # raises for a folder that is neither kind
-        if kind != ModelKind.AR:
-            for name in LLM_ONLY_FIELDS:
-                if getattr(self, name) is not None:
-                    raise InvalidRequest(f"{name} applies to LLMs; {self.model!r} is an "
-                                         f"{kind} model", param=name)
+        if kind == ModelKind.DLLM and self.async_scheduling:
+            raise InvalidRequest("async_scheduling: a masked-diffusion LM plans one step at a "
+                                 "time (whether a request takes another step depends on the "
+                                 "last one)", param="async_scheduling")
+        for name in refused_fields(kind):
+            if getattr(self, name) is not None:
+                what = "LLMs" if name not in AR_ONLY_FIELDS else "autoregressive LLMs"
+                article = "an" if str(kind)[0] in "aei" else "a"
+                raise InvalidRequest(f"{name} applies to {what}; {self.model!r} is {article} "
+                                     f"{kind} model", param=name)
 
     @classmethod
     def from_env(cls, **overrides) -> EngineConfig:
@@ -100,6 +106,15 @@ class EngineConfig(msgspec.Struct, kw_only=True):
 
 LLM_ONLY_FIELDS = ("max_model_len", "block_size", "kv_cache_memory_gb", "num_kv_blocks",
                    "max_num_batched_tokens", "enable_prefix_caching")
+# A masked-diffusion step runs every request's window whole (no token budget to split it),
+# and its K/V depends on every position after it too, so none is reused across requests.
+AR_ONLY_FIELDS = ("max_num_batched_tokens", "enable_prefix_caching")
+
+
+def refused_fields(kind: ModelKind) -> tuple[str, ...]:
+    """The EngineConfig fields a model of `kind` refuses when they are set."""
+    return {ModelKind.AR: (), ModelKind.IMAGE: LLM_ONLY_FIELDS,
+            ModelKind.DLLM: AR_ONLY_FIELDS}[kind]
 
 
 class WorkerConfig(msgspec.Struct, kw_only=True):

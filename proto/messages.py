@@ -13,9 +13,14 @@ Two channels:
 One engine serves one model of one kind (`ModelKind`). What differs by kind is a struct per
 kind in a tagged union (the tag, the kind's number, is the first element of its array):
 
-    kind    request         output          step plan (STEP)         step result (STEP_RESULT)
-    AR      EngineRequest   EngineOutput    SchedulerOutput          ModelRunnerOutput
-    IMAGE   ImageRequest    ImageOutput     DenoiseSchedulerOutput   DenoiseRunnerOutput
+    kind    request         output          step plan (STEP)             step result (STEP_RESULT)
+    AR      EngineRequest   EngineOutput    SchedulerOutput              ModelRunnerOutput
+    IMAGE   ImageRequest    ImageOutput     DenoiseSchedulerOutput       DenoiseRunnerOutput
+    DLLM    EngineRequest   EngineOutput    DiffusionLMSchedulerOutput   DiffusionLMRunnerOutput
+
+A masked-diffusion LM (DLLM) answers text requests as an LLM does: a client sends the same
+`EngineRequest` (its `SamplingParams.diffusion` says how to decode) and reads the same
+`EngineOutput`s (token ids; one output per committed block), so what serves LLMs serves it.
 
 A kind's structs share the leading names every process reads without knowing the kind
 (`request_id`, `priority`, `arrival_time`; `finish_reason`, `error`, `error_kind`; `step_id`).
@@ -31,7 +36,7 @@ import msgspec
 
 from .sampling import ImageParams, SamplingParams, StepCacheParams
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class ModelKind(enum.IntEnum):
@@ -39,6 +44,7 @@ class ModelKind(enum.IntEnum):
 
     AR = 0  # autoregressive LM: an HF `config.json` with a causal-LM architecture
     IMAGE = 1  # DiT image model: a diffusers pipeline folder (`model_index.json`)
+    DLLM = 2  # masked-diffusion LM (LLaDA, Dream): an HF `config.json` of such an architecture
 
     def __str__(self) -> str:
         return self.name.lower()
@@ -81,7 +87,7 @@ class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     pass
 
 
-_AR, _IMAGE = int(ModelKind.AR), int(ModelKind.IMAGE)
+_AR, _IMAGE, _DLLM = int(ModelKind.AR), int(ModelKind.IMAGE), int(ModelKind.DLLM)
 
 
 class ArrayRef(_Msg):
@@ -129,12 +135,25 @@ class ImageModelInfo(_Msg, tag=_IMAGE):
     fixed_size: bool = False  # the denoiser serves its native size only (DiT)
 
 
+class DiffusionLMModelInfo(_Msg, tag=_DLLM):
+    """What a client of a masked-diffusion LM needs: context length, vocabulary, EOS ids, the
+    mask token the answer starts as (never a valid prompt token), and the defaults of its
+    `DiffusionParams` (per architecture: LLaDA low_confidence, Dream entropy)."""
+
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    mask_token_id: int
+    remasking: str = "low_confidence"  # DiffusionParams.remasking when a request gives none
+    block_length: int = 32  # DiffusionParams.block_length when a request gives none
+
+
 class ModelInfo(_Msg):
     model: str  # the model path the engine loaded (frontends load tokenizers from it)
     architecture: str  # e.g. LlamaForCausalLM, StableDiffusion3Pipeline, DiTPipeline
     dtype: str
     tensor_parallel_size: int
-    details: TokenModelInfo | ImageModelInfo
+    details: TokenModelInfo | ImageModelInfo | DiffusionLMModelInfo
 
     @property
     def kind(self) -> ModelKind:
@@ -155,11 +174,22 @@ class ImageRunnerInfo(_Msg, tag=_IMAGE):
     max_num_seqs: int  # most images in one denoising batch
 
 
+class DiffusionLMRunnerInfo(_Msg, tag=_DLLM):
+    """What masked-diffusion LM workers resolved at start: the paged KV cache that holds the
+    K/V of requests decoding with a cache ("prefix" / "dual")."""
+
+    num_kv_blocks: int
+    block_size: int  # positions per KV-cache block
+
+
+RunnerInfo = TokenRunnerInfo | ImageRunnerInfo | DiffusionLMRunnerInfo
+
+
 class Ready(_Msg):
     protocol_version: int
     schema_hash: str
     model: ModelInfo
-    runner: TokenRunnerInfo | ImageRunnerInfo
+    runner: RunnerInfo
 
 
 class EngineRequest(_Msg, tag=_AR):
@@ -267,10 +297,21 @@ class ImageStats(_Msg, tag=_IMAGE):
     num_preemptions: int = 0
 
 
+class DiffusionLMStats(_Msg, tag=_DLLM):
+    num_waiting: int
+    num_running: int
+    kv_usage: float
+    num_kv_blocks: int
+    generation_tokens_per_s: float  # committed tokens sent, over the last 10 s
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    denoising_steps_total: int  # request-steps: one request advanced by one step
+
+
 class Stats(_Msg):
     """The scheduler's own figures, and the engine loop's step timing."""
 
-    scheduler: TokenStats | ImageStats
+    scheduler: TokenStats | ImageStats | DiffusionLMStats
     num_steps_total: int = 0
     step_time_s: float = 0.0  # mean time between step results while busy, last 10 s
 
@@ -298,7 +339,7 @@ class WorkerReady(_Msg):
     weight_bytes: int  # bytes of this rank's parameters (about 1/N of the model under TP)
     dtype: str  # the dtype the worker resolved "auto" to
     device: str  # e.g. "cpu", "cuda:0"
-    runner: TokenRunnerInfo | ImageRunnerInfo
+    runner: RunnerInfo
 
 
 class NewRequestData(_Msg):
@@ -369,6 +410,32 @@ class DenoiseSchedulerOutput(_Msg, tag=_IMAGE):
     finished_request_ids: list[str]
 
 
+class DiffusionLMRequestData(_Msg):
+    """A masked-diffusion request as the workers run it, sent once (later steps name it by
+    id): every default resolved by the engine core (`sampling.diffusion` complete, the seed
+    set, so that all ranks draw alike). `block_ids`: its paged KV blocks, which hold
+    `len(prompt_token_ids) + gen_length` positions, when it decodes with a cache (else
+    empty)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    gen_length: int  # masked positions after the prompt: whole blocks of the block length
+    block_ids: list[int] = msgspec.field(default_factory=list)
+
+
+class DiffusionLMSchedulerOutput(_Msg, tag=_DLLM):
+    """The DLLM step plan: requests to admit, then ONE denoising step for each of
+    `scheduled_request_ids`, every request at its own block and step (the workers count
+    them). `finished_request_ids` are requests to drop before anything else (stopped early
+    or aborted); a request whose last block the step commits is dropped by the workers."""
+
+    step_id: int
+    new_requests: list[DiffusionLMRequestData]
+    scheduled_request_ids: list[str]
+    finished_request_ids: list[str]
+
+
 class ModelRunnerOutput(_Msg, tag=_AR):
     """What rank 0 returns for an AR step: one sampled token per request that sampled."""
 
@@ -398,6 +465,16 @@ class DenoiseRunnerOutput(_Msg, tag=_IMAGE):
     partial_indices: list[int] = msgspec.field(default_factory=list)
     # one per finished request, same order: ImageOutput.num_prompt_tokens
     num_prompt_tokens: list[int] = msgspec.field(default_factory=list)
+
+
+class DiffusionLMRunnerOutput(_Msg, tag=_DLLM):
+    """What rank 0 returns for a DLLM step: the tokens of each block the step committed (at
+    most one per request: a block is committed when its last masked position is), in the
+    order of `request_ids`. A committed block never changes again."""
+
+    step_id: int
+    request_ids: list[str]
+    block_token_ids: list[list[int]]
 
 
 class WorkerError(_Msg):
@@ -431,8 +508,8 @@ CLIENT_MESSAGES: dict[MsgType, type] = {
 
 WORKER_MESSAGES: dict[MsgType, type] = {
     MsgType.WORKER_READY: WorkerReady,
-    MsgType.STEP: SchedulerOutput | DenoiseSchedulerOutput,
-    MsgType.STEP_RESULT: ModelRunnerOutput | DenoiseRunnerOutput,
+    MsgType.STEP: SchedulerOutput | DenoiseSchedulerOutput | DiffusionLMSchedulerOutput,
+    MsgType.STEP_RESULT: ModelRunnerOutput | DenoiseRunnerOutput | DiffusionLMRunnerOutput,
     MsgType.SHUTDOWN: Shutdown,
     MsgType.WORKER_ERROR: WorkerError,
 }
@@ -440,5 +517,6 @@ WORKER_MESSAGES: dict[MsgType, type] = {
 # The kinds' structs, by the role they play (the engine and worker loops never look inside).
 Request = EngineRequest | ImageRequest
 Output = EngineOutput | ImageOutput
-StepPlan = SchedulerOutput | DenoiseSchedulerOutput
-StepResult = ModelRunnerOutput | DenoiseRunnerOutput
+StepPlan = SchedulerOutput | DenoiseSchedulerOutput | DiffusionLMSchedulerOutput
+StepResult = ModelRunnerOutput | DenoiseRunnerOutput | DiffusionLMRunnerOutput
+SchedulerStats = TokenStats | ImageStats | DiffusionLMStats

@@ -1,4 +1,5 @@
-"""How one request samples: `SamplingParams` (LLMs) and `ImageParams` (image models).
+"""How one request samples: `SamplingParams` (LLMs; with `DiffusionParams` for masked-diffusion
+LMs) and `ImageParams` (image models).
 
 Both are wire structs (msgspec decodes untrusted bytes straight into them and runs
 `__post_init__`), so a bad value is refused the same way whether it came from Python, HTTP or a
@@ -8,10 +9,11 @@ count its scheduler allows) is checked by the engine core, which knows the model
 
 from __future__ import annotations
 
-import math
-
 import msgspec
 
+from .checks import check as _check
+from .checks import finite_float32 as _finite_float32
+from .diffusion import DiffusionParams
 from .errors import InvalidRequest
 
 
@@ -43,10 +45,18 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     # checked against the vocabulary by the engine core, which knows it
     logit_bias: dict[int, float] | None = None
     prompt_logprobs: int | None = None  # top-N logprobs per prompt position (vLLM), N in [0, 20]
+    # How a masked-diffusion LM decodes (LLaDA, Dream); None: the model's defaults. Refused by
+    # an autoregressive LM. A dict is converted.
+    diffusion: DiffusionParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.diffusion, dict):
+            self.diffusion = DiffusionParams.from_dict(self.diffusion)
+        _check(self.diffusion is None or isinstance(self.diffusion, DiffusionParams),
+               "diffusion", "diffusion must be a DiffusionParams, a dict like {'steps': 64}, "
+               "or None")
         for name in _INT_FIELDS:
             value = getattr(self, name)
             _check(value is None or _INT64_MIN <= value <= _INT64_MAX, name,
@@ -89,12 +99,28 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
         return self.temperature < 1e-5 or self.top_k == 1
 
 
+    def check_diffusion_lm(self, model: str = "this model") -> None:
+        """Refuse (`InvalidRequest` naming the first) the fields set to something a
+        masked-diffusion LM cannot honour: it scores no token by a logprob, and penalties and
+        biases follow an order of generation it does not have (a position's token may be
+        chosen before the tokens left of it)."""
+        given = [name for name, neutral in _AR_ONLY_DEFAULTS.items()
+                 if getattr(self, name) != neutral and not (name == "logit_bias"
+                                                            and not self.logit_bias)]
+        _check(not given, given[0] if given else "", f"{', '.join(given)} is not supported by "
+               f"{model}, a masked-diffusion LM (it computes no logprobs, and penalties and "
+               "biases assume left-to-right generation)")
+
+
 MAX_N = 128  # OpenAI's bound on `n`; `best_of` has the same
 # Stop strings and stop token ids are each checked against every generated token (in the
 # frontend's event loop, in the engine's step): a long list slows every other request.
 MAX_STOP = 256
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_FLOAT32_MAX = 3.4028234663852886e38
+# SamplingParams fields a masked-diffusion LM cannot honour, with the value that asks nothing
+_AR_ONLY_DEFAULTS = {"logprobs": None, "prompt_logprobs": None, "logit_bias": None,
+                     "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                     "repetition_penalty": 1.0, "min_p": 0.0}
 _INT_FIELDS = ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs")
 # Every float field, with its closed range. Temperature: 0 is greedy, and above ~10 sampling
 # is already near uniform, so 100 refuses only mistakes. Repetition penalty divides (or
@@ -125,19 +151,6 @@ def _check_logit_bias(logit_bias: dict[int, float]) -> None:
         _check(not isinstance(bias, bool) and _finite_float32(bias) and -100 <= bias <= 100,
                "logit_bias", f"logit_bias values must be finite numbers in [-100, 100], got "
                f"{str(bias)[:24]} for token {token_id}")
-
-
-def _finite_float32(value: float) -> bool:
-    """True for a number that is finite as a float32 (what the workers compute with)."""
-    try:
-        return math.isfinite(value) and abs(value) <= _FLOAT32_MAX
-    except (TypeError, OverflowError):  # not a number, or an int too large for a float
-        return False
-
-
-def _check(ok: bool, param: str, message: str) -> None:
-    if not ok:
-        raise InvalidRequest(message, param=param)
 
 
 MAX_IMAGES_PER_REQUEST = 10  # OpenAI's bound on `n` for images

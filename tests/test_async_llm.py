@@ -6,25 +6,14 @@ import asyncio
 
 import pytest
 
-from zomni import AsyncLLM, SamplingParams
+from zomni import SamplingParams
 from zomni.proto import ContextLengthExceeded
 
 
 @pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
-def async_llm(llama_dir, loop):
-    """One engine and one event loop for the module: the client's reader lives in that loop."""
-    llm = AsyncLLM(model=str(llama_dir), num_kv_blocks=512)
-    loop.run_until_complete(llm.start())
-    yield llm
-    llm.shutdown()
-    loop.run_until_complete(asyncio.sleep(0))  # let the client's reader task finish cancelling
+def async_llm(llama_dir, start_async_llm):
+    """One engine and one event loop (`loop`) for the module."""
+    return start_async_llm(llama_dir, num_kv_blocks=512)
 
 
 async def collect(llm, prompt, params, request_id=None):

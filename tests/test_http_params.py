@@ -209,6 +209,10 @@ def test_best_of_returns_the_most_likely_samples(server):
      "stream_options"),
     ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21},
      "top_logprobs"),
+    # a masked-diffusion LM's fields, sent to an autoregressive one
+    ("/v1/completions", {"prompt": "x", "steps": 8}, "steps"),
+    ("/v1/chat/completions", {"messages": CHAT, "cache": "dual", "remasking": "entropy"},
+     "remasking"),
 ])
 def test_unsupported_fields_are_400(server, path, body, param):
     assert_400(server, path, {**body, "max_tokens": 2}, param)

@@ -4,7 +4,9 @@ the machine rather than on the model.
     worker_env()                   the environment a worker process starts with (OpenMP, malloc)
     resolve_device / set_threads   which device a rank runs on; torch threads on the CPU
     resolve_dtype                  what "auto" means on this machine, for this checkpoint
+    setup_rank                     all three for a runner, as every kind's runner starts
     default_* budgets              step budget and KV block size when the user gives none
+    kv_cache_blocks                how many KV blocks a rank allocates
     zeros / populate               large CPU buffers that fault in cheaply, off the step path
 
 torch is imported inside the functions that use it: the engine core imports this module for
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import math
 import mmap
 import os
@@ -25,6 +28,10 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+    from zomni.proto import WorkerConfig
+
+logger = logging.getLogger("zomni.worker")
 
 # glibc malloc for workers: transparent huge pages, and freed memory kept for reuse
 _MALLOC_TUNABLES = {
@@ -136,6 +143,22 @@ def resolve_dtype(dtype: str, device: torch.device, model_dir: str = "") -> tupl
     return "float32", f"auto: {why}"
 
 
+def setup_rank(config: WorkerConfig) -> tuple[torch.device, str, torch.dtype]:
+    """(device, dtype name, torch dtype) of this rank, its torch threads set, its dtype logged:
+    how every runner starts."""
+    import torch
+
+    engine = config.engine
+    world = engine.tensor_parallel_size
+    device = resolve_device(engine.device, config.rank, world)
+    set_threads(device, world, engine.num_threads)
+    dtype, why = resolve_dtype(engine.dtype, device, engine.model)
+    logger.info("rank %d: dtype %s (%s)", config.rank, dtype, why)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}[dtype]
+    return device, dtype, torch_dtype
+
+
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zeroed tensor. On the CPU its memory is an anonymous mmap, which the kernel zeroes as
     its pages fault in: writing zeros into a 2 GiB KV cache took 2-3 s of start-up.
@@ -211,6 +234,19 @@ def default_max_num_batched_tokens(device_type: str, online: bool) -> int:
 
 
 DEFAULT_KV_CACHE_MEMORY_GB = 2.0  # per worker, when neither it nor num_kv_blocks is given
+
+
+def kv_cache_blocks(num_kv_blocks: int | None, memory_gb: float | None,
+                    bytes_per_block: int) -> int:
+    """`num_kv_blocks` when given, else as many blocks of `bytes_per_block` as `memory_gb` GiB
+    hold (DEFAULT_KV_CACHE_MEMORY_GB when that is not given either); at least one."""
+    memory_gb = memory_gb or DEFAULT_KV_CACHE_MEMORY_GB
+    blocks = num_kv_blocks if num_kv_blocks is not None else \
+        int(memory_gb * 2**30 // bytes_per_block)
+    if blocks < 1:
+        raise ValueError(f"KV cache of {memory_gb} GiB holds no block of {bytes_per_block} "
+                         "bytes; raise kv_cache_memory_gb")
+    return blocks
 
 
 def default_block_size(device_type: str) -> int:

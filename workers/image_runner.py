@@ -24,7 +24,6 @@ None. Every rank runs (b)-(c) identically, so their latents stay equal under ten
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +43,10 @@ from zomni.proto.model_info import architecture_of, read_model_info
 from zomni.proto.sampling import partial_image_steps
 from zomni.workers.denoise_schedulers import Schedule, load_scheduler
 from zomni.workers.denoiser_loader import load_denoiser
-from zomni.workers.device import resolve_device, resolve_dtype, set_threads
+from zomni.workers.device import setup_rank
 from zomni.workers.image_pipelines import PIPELINES, Conditioning
+from zomni.workers.runner import planned_state
 from zomni.workers.step_cache import BranchCache, CacheGroup, StepCache
-
-logger = logging.getLogger("zomni.worker")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(eq=False)
@@ -81,12 +77,7 @@ class ImageRunner:
     def __init__(self, config: WorkerConfig):
         engine = config.engine
         self.rank = config.rank
-        world = engine.tensor_parallel_size
-        self.device = resolve_device(engine.device, config.rank, world)
-        set_threads(self.device, world, engine.num_threads)
-        self.dtype, why = resolve_dtype(engine.dtype, self.device, engine.model)
-        logger.info("rank %d: dtype %s (%s)", self.rank, self.dtype, why)
-        self.torch_dtype = _DTYPES[self.dtype]
+        self.device, self.dtype, self.torch_dtype = setup_rank(config)
         self.max_num_seqs = engine.max_num_seqs
 
         start = time.perf_counter()
@@ -167,10 +158,7 @@ class ImageRunner:
         return state
 
     def _get(self, request_id: str) -> ImageState:
-        try:
-            state = self.requests[request_id]
-        except KeyError:
-            raise ValueError(f"step plan refers to unknown request {request_id!r}") from None
+        state = planned_state(self.requests, request_id)
         if state.step >= state.data.num_steps:
             raise ValueError(f"request {request_id!r} has no step left")
         return state

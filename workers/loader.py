@@ -5,6 +5,8 @@ Checkpoint names map to our parameters one to one, except the fused projections:
     model.layers.N.self_attn.{q,k,v}_proj.*  ->  ...self_attn.qkv_proj.*    shard "q" / "k" / "v"
     model.layers.N.mlp.{gate,up}_proj.*      ->  ...mlp.gate_up_proj.*      shard 0 / 1
 
+as each model's `packed_modules_mapping` says (LLaDA's blocks fuse ff_proj / up_proj).
+
 Tensors are opened lazily (`get_slice`), so each parameter's `weight_loader` reads only the rows
 or columns its rank holds. The full name sets are compared before anything is read: a missing or
 unexpected tensor fails with the names, not with a shape error halfway through.
@@ -13,6 +15,7 @@ unexpected tensor fails with the names, not with a shape error halfway through.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,12 +60,25 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype,
-               device: torch.device | str) -> tuple[nn.Module, PretrainedConfig]:
-    """Our model for `model_dir`'s architecture, weights loaded for this rank, in eval mode."""
-    config = load_hf_config(model_dir)
-    arch = (getattr(config, "architectures", None) or ["?"])[0]
+def load_config(model_dir: str | Path) -> tuple[type[nn.Module], Any]:
+    """(our model class, its config) for `model_dir`. Masked-diffusion LMs (LLaDA, Dream) ship
+    their config class as remote code, so their classes read config.json themselves
+    (`config_from_dict`); every other architecture gets its HF config object."""
+    path = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    arch = (raw.get("architectures") or ["?"])[0]
     cls = get_model_class(arch)
+    reader = getattr(cls, "config_from_dict", None)
+    return cls, (reader(raw) if reader is not None else load_hf_config(model_dir))
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype,
+               device: torch.device | str) -> tuple[nn.Module, Any]:
+    """Our model for `model_dir`'s architecture, weights loaded for this rank, in eval mode."""
+    cls, config = load_config(model_dir)
     # Parameters are created directly in the target dtype on the target device (no fp32 copy).
     with _default_dtype(dtype), torch.device(device):
         model = cls(config)

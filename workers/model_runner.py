@@ -37,22 +37,20 @@ from zomni.proto.model_info import read_model_info
 from zomni.workers import native
 from zomni.workers.context import AttentionMetadata, build_attention_metadata, set_context
 from zomni.workers.device import (
-    DEFAULT_KV_CACHE_MEMORY_GB,
     default_block_size,
     default_max_num_batched_tokens,
+    kv_cache_blocks,
     populate,
-    resolve_device,
-    resolve_dtype,
-    set_threads,
+    setup_rank,
     zeros,
 )
 from zomni.workers.loader import load_model
 from zomni.workers.parallel_state import broadcast
+from zomni.workers.runner import planned_state
 from zomni.workers.sampler import Sampler, SamplingMetadata, prompt_logprobs
 
 logger = logging.getLogger("zomni.worker")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Prompt logprobs: logits are computed for at most this many elements (rows x vocab) at once,
 # 64 MiB in fp32, so a long prompt chunk never holds a [T, vocab] block.
 _PROMPT_LOGITS_ELEMENTS = 2**24
@@ -94,15 +92,10 @@ class ModelRunner:
     def __init__(self, config: WorkerConfig):
         engine = config.engine
         self.rank = config.rank
-        world = engine.tensor_parallel_size
-        self.device = resolve_device(engine.device, config.rank, world)
-        set_threads(self.device, world, engine.num_threads)
-        self.dtype, why = resolve_dtype(engine.dtype, self.device, engine.model)
-        logger.info("rank %d: dtype %s (%s)", self.rank, self.dtype, why)
+        self.device, self.dtype, self.torch_dtype = setup_rank(config)
         if self.device.type == "cpu" and self.dtype == "float32":  # built now, not mid-step
             logger.info("rank %d: native paged attention %s", self.rank,
                         "on" if native.has_paged_attention() else "off")
-        self.torch_dtype = _DTYPES[self.dtype]
         self.max_num_batched_tokens = engine.max_num_batched_tokens or \
             default_max_num_batched_tokens(self.device.type, engine.online)
 
@@ -117,8 +110,8 @@ class ModelRunner:
         self.eos_token_ids = read_model_info(engine.model).details.eos_token_ids
 
         self.block_size = engine.block_size or default_block_size(self.device.type)
-        memory_gb = engine.kv_cache_memory_gb or DEFAULT_KV_CACHE_MEMORY_GB
-        self.num_kv_blocks = self._num_kv_blocks(engine.num_kv_blocks, memory_gb)
+        self.num_kv_blocks = kv_cache_blocks(engine.num_kv_blocks, engine.kv_cache_memory_gb,
+                                             self._bytes_per_block())
         self._allocate_kv_cache()
         self.sampler = Sampler(engine.seed, self.device)
         self._warm_up(min(self.max_num_batched_tokens, self.num_kv_blocks * self.block_size,
@@ -132,13 +125,6 @@ class ModelRunner:
         layers = self.model.attention_layers()
         per_layer = 2 * self.block_size * layers[0].num_kv_heads * layers[0].head_dim
         return per_layer * len(layers) * torch.empty(0, dtype=self.torch_dtype).element_size()
-
-    def _num_kv_blocks(self, fixed: int | None, memory_gb: float) -> int:
-        blocks = fixed if fixed is not None else int(memory_gb * 2**30 // self._bytes_per_block())
-        if blocks < 1:
-            raise ValueError(f"KV cache of {memory_gb} GiB holds no block of "
-                             f"{self._bytes_per_block()} bytes; raise kv_cache_memory_gb")
-        return blocks
 
     def _allocate_kv_cache(self) -> None:
         """One tensor for all layers; each Attention module gets views of its K and V.
@@ -245,10 +231,7 @@ class ModelRunner:
         return generator
 
     def _get(self, request_id: str) -> RequestState:
-        try:
-            return self.requests[request_id]
-        except KeyError:
-            raise ValueError(f"step plan refers to unknown request {request_id!r}") from None
+        return planned_state(self.requests, request_id)
 
     def _check_blocks(self, request_id: str, block_ids: list[int]) -> None:
         bad = [b for b in block_ids if not 0 <= b < self.num_kv_blocks]

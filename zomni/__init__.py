@@ -1,8 +1,8 @@
 """zomni: serve LLMs and diffusion models from cooperating processes over ZeroMQ."""
 
-from zomni.proto import ImageParams, SamplingParams
+from zomni.proto import DiffusionParams, ImageParams, SamplingParams
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "ImageParams", "RequestOutput",
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "DiffusionParams", "ImageParams", "RequestOutput",
            "CompletionOutput", "ImageGenerationOutput"]
 
 _API = ("LLM", "AsyncLLM", "RequestOutput", "CompletionOutput", "ImageGenerationOutput")

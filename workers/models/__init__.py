@@ -10,12 +10,16 @@ from zomni.workers.models.decoder import (
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
 )
+from zomni.workers.models.dllm import DreamModel, LLaDAModelLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    # masked-diffusion LMs (bidirectional; their configs are read by `config_from_dict`)
+    "LLaDAModelLM": LLaDAModelLM,
+    "DreamModel": DreamModel,
 }
 
 

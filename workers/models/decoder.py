@@ -28,6 +28,15 @@ from zomni.workers.linear import MergedColumnParallelLinear, QKVParallelLinear, 
 from zomni.workers.models.native_layers import NativeLayers
 from zomni.workers.rotary_embedding import RotaryEmbedding, apply_rotary
 
+# HF checkpoint module -> (our fused module, shard), for the loader
+QKV_PACKED_MODULES = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+}
+PACKED_MODULES = {**QKV_PACKED_MODULES, "gate_proj": ("gate_up_proj", 0),
+                  "up_proj": ("gate_up_proj", 1)}
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -151,13 +160,7 @@ class DecoderModel(nn.Module):
 class DecoderForCausalLM(nn.Module):
     """`forward` gives hidden states of every token; `compute_logits` only for rows asked."""
 
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    packed_modules_mapping = PACKED_MODULES
 
     @classmethod
     def arch_spec(cls, config) -> ArchSpec:
