@@ -18,7 +18,8 @@ logger = logging.getLogger("zomni")
 # Models shipped with the package: API name -> folder under zomni/. `--model NAME` (and
 # `LLM(model=NAME)`) loads the folder unless a local path NAME exists; the engine then reports
 # the folder's path, which `served_name` maps back to NAME.
-DEMO_MODELS = {"zomni-demo": "demo_model", "zomni-demo-image": "demo_image_model"}
+DEMO_MODELS = {"zomni-demo": "demo_model", "zomni-demo-image": "demo_image_model",
+               "zomni-demo-dllm": "demo_dllm_model"}
 DEMO_MODEL_NAME = "zomni-demo"  # the default model
 
 

@@ -137,26 +137,28 @@ class EvalResult:
     seconds: float
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def training_parser(doc: str, out: Path, lr: float, time_budget: float) -> argparse.ArgumentParser:
+    """The flags both demos take (corpus, tokenizer, model size, optimizer, schedule); the
+    defaults are the AR demo's but for `out`, the peak `lr` and the `time_budget`."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
+    ap.add_argument("--out", type=Path, default=out, help="output directory")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--val-every", type=int, default=25,
                     help="hold out every N-th file (sorted by path) for validation")
-    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--vocab-size", type=int, default=4096, help="BPE vocab")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--intermediate", type=int, default=768)
     ap.add_argument("--max-positions", type=int, default=2048)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=256, help="targets per window (+1 context)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=1500,
                     help="optimizer steps (the run is defined by steps, not by time)")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=75)
     ap.add_argument("--weight-decay", type=float, default=0.1)
@@ -164,11 +166,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-windows", type=int, default=32,
                     help="validation windows used for the periodic (not the final) evaluation")
-    ap.add_argument("--time-budget", type=float, default=17 * 60,
+    ap.add_argument("--time-budget", type=float, default=time_budget,
                     help="safety stop in seconds for the training loop; a run cut short by it "
                          "is reported as such (and is not the deterministic run)")
     ap.add_argument("--no-chat", action="store_true", help="skip the ChatML examples")
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return training_parser(__doc__, DEFAULT_OUT, lr=3e-3, time_budget=17 * 60).parse_args(argv)
 
 
 def load_average() -> float:
@@ -210,57 +216,89 @@ def make_optimizer(model, args):
     )
 
 
+def batch_order(num_windows: int, args):
+    """Batches of `args.batch_size` window indices, in a permutation seeded with `args.seed`
+    and redrawn once too few windows are left for a batch (both demos visit windows so)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(args.seed)
+    order, pos = torch.randperm(num_windows, generator=gen), 0
+    while True:
+        if pos + args.batch_size > len(order):
+            order, pos = torch.randperm(num_windows, generator=gen), 0
+        yield order[pos:pos + args.batch_size]
+        pos += args.batch_size
+
+
+def optimizer_step(model, opt, loss, step: int, args) -> float:
+    """The step's learning rate (`lr_at`), backward, gradient clipping, AdamW; the loss value."""
+    import torch
+
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, args)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    opt.step()
+    return loss.item()
+
+
+class TrainLog:
+    """What both demos do after each optimizer step: the smoothed training loss, a log line
+    every 25 steps, the periodic evaluation (`history`) and the time budget's safety stop."""
+
+    def __init__(self, args, tokens_per_step: int, val_label: str = "val"):
+        self.args, self.tokens_per_step, self.val_label = args, tokens_per_step, val_label
+        self.history: list[tuple[int, float, float]] = []  # (step, smoothed loss, val loss)
+        self.smooth: float | None = None
+        self.stopped_early = False
+        self.t0 = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def after_step(self, step: int, loss: float, evaluate, n_val: int) -> bool:
+        """Record step `step`'s loss; `evaluate()` gives the loss on the first `n_val`
+        validation windows. True when the run must stop (the time budget is spent)."""
+        args = self.args
+        self.smooth = loss if self.smooth is None else 0.95 * self.smooth + 0.05 * loss
+        done, elapsed = step + 1, self.seconds()
+        if done % 25 == 0 or done == 1:
+            log(f"step {done:5d}/{args.steps}  loss {loss:.3f} (avg {self.smooth:.3f})  "
+                f"lr {lr_at(step, args):.2e}  {elapsed:6.0f}s  "
+                f"{done * self.tokens_per_step / elapsed:,.0f} tok/s")
+        if done % args.eval_every == 0 and done < args.steps:
+            vl = evaluate()
+            self.history.append((done, self.smooth, vl))
+            log(f"  eval @ {done}: train {self.smooth:.3f}  {self.val_label} {vl:.3f} "
+                f"(first {n_val} windows)")
+        if elapsed > args.time_budget and done < args.steps:
+            log(f"WARNING: time budget {args.time_budget:.0f}s exceeded at step {done}; "
+                "stopping early (this run is not the deterministic full run)")
+            self.stopped_early = True
+        return self.stopped_early
+
+
 def train(model, opt, args, data: Data) -> TrainResult:
     """args.steps optimizer steps over a seeded permutation of the windows, redrawn per epoch."""
-    import torch
     import torch.nn.functional as F
 
     xtr, ytr, xva, yva = data.xtr, data.ytr, data.xva, data.yva
-    gen = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(xtr), generator=gen)
-    pos = 0
     tokens_per_step = args.batch_size * args.seq_len
     log(f"training: {args.steps} steps x {tokens_per_step} tokens = "
         f"{args.steps * tokens_per_step / len(data.train_ids):.2f} epochs")
     model.train()
-    t_train0 = time.perf_counter()
-    history = []
-    smooth = None
-    stopped_early = False
+    n_val = min(args.eval_windows, len(xva))
+    progress = TrainLog(args, tokens_per_step)
     step = 0
-    for step in range(args.steps):
-        if pos + args.batch_size > len(order):
-            order = torch.randperm(len(xtr), generator=gen)
-            pos = 0
-        b = order[pos:pos + args.batch_size]
-        pos += args.batch_size
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args)
+    for step, b in zip(range(args.steps), batch_order(len(xtr), args)):
         logits = model(input_ids=xtr[b], use_cache=False).logits
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), ytr[b].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        lv = loss.item()
-        smooth = lv if smooth is None else 0.95 * smooth + 0.05 * lv
-        elapsed = time.perf_counter() - t_train0
-        done = step + 1
-        if done % 25 == 0 or done == 1:
-            log(f"step {done:5d}/{args.steps}  loss {lv:.3f} (avg {smooth:.3f})  "
-                f"lr {lr_at(step, args):.2e}  {elapsed:6.0f}s  "
-                f"{done * tokens_per_step / elapsed:,.0f} tok/s")
-        if done % args.eval_every == 0 and done < args.steps:
-            n = min(args.eval_windows, len(xva))
-            vl = evaluate(model, xva[:n], yva[:n], args.batch_size)
-            history.append((done, smooth, vl))
-            log(f"  eval @ {done}: train {smooth:.3f}  val {vl:.3f} (first {n} windows)")
-        if elapsed > args.time_budget and done < args.steps:
-            log(f"WARNING: time budget {args.time_budget:.0f}s exceeded at step {done}; "
-                "stopping early (this run is not the deterministic full run)")
-            stopped_early = True
+        lv = optimizer_step(model, opt, loss, step, args)
+        if progress.after_step(step, lv, lambda: evaluate(model, xva[:n_val], yva[:n_val],
+                                                          args.batch_size), n_val):
             break
-    return TrainResult(history, step + 1, stopped_early, time.perf_counter() - t_train0)
+    return TrainResult(progress.history, step + 1, progress.stopped_early, progress.seconds())
 
 
 def final_evaluation(model, args, data: Data, vocab_size: int) -> EvalResult:
