@@ -121,9 +121,15 @@ async def decode_async(tokenizer, token_ids: list[int], **kwargs: Any) -> str:
 
 
 def load_tokenizer(model: str):
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
-    return AutoTokenizer.from_pretrained(model)
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (ValueError, OSError):
+        # a config class transformers lacks (LLaDA's, Dream's remote code): the tokenizer
+        # does not need it, and AutoTokenizer's own fallback warns at every start
+        config = PretrainedConfig()
+    return AutoTokenizer.from_pretrained(model, config=config)
 
 
 def encode_prompt(tokenizer, prompt: Prompt) -> tuple[str | None, list[int]]:
