@@ -37,6 +37,7 @@ Then --requests prompts with the fastest variant: one after another vs all submi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -88,8 +89,6 @@ def diffusion(variant: str, args) -> DiffusionParams:
 
 
 def run_reference(model_dir: Path, prompts, args) -> tuple[float, list[list[int]]]:
-    import json
-
     mask_id = json.loads((model_dir / "config.json").read_text())["mask_token_id"]
     ref = RefModel(model_dir)
     outs, start = [], time.perf_counter()

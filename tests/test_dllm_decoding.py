@@ -203,7 +203,7 @@ def test_transfer_counts_and_windows():
     assert llada_transfer_counts(8, 3) == [3, 3, 2]
     assert llada_transfer_counts(2, 4) == [1, 1, 0, 0]
     assert forward_window("none", 20, 4, 12, 3, 1) == Window(0, 20)
-    assert forward_window("dual", 20, 4, 12, 0, 1) == Window(0, 20, write=True)
+    assert forward_window("dual", 20, 4, 12, 0, 1) == Window(0, 20)
     assert forward_window("prefix", 20, 4, 12, 2, 0) == Window(4, 20, read_prefix=True)
     assert forward_window("dual", 20, 4, 12, 2, 1) == Window(3, 12, True, True)
 

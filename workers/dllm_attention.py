@@ -1,5 +1,5 @@
-"""Bidirectional attention of masked-diffusion LMs over a flat batch of segments, with dense
-per-sequence KV caches.
+"""Bidirectional attention of masked-diffusion LMs over a flat batch of segments, with
+per-sequence KV caches (dense, or in blocks of the paged KV cache).
 
 A forward's rows are the concatenated windows of its segments, one per sequence (a request,
 or its unconditional CFG branch):

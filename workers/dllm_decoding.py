@@ -282,13 +282,12 @@ def _origin(params: DecodingParams, logits: torch.Tensor, step: int, mask_token_
 class Window:
     """The positions [start, end) a step's forward computes for one request, and the cached
     keys it reads besides its own: [0, start) with `read_prefix`, [end, length) with
-    `read_suffix`. `write`: a refresh, whose K/V the cache stores."""
+    `read_suffix`. With a cache, the window's K/V is stored (`dllm_attention`)."""
 
     start: int
     end: int
     read_prefix: bool = False
     read_suffix: bool = False
-    write: bool = False
 
 
 def forward_window(cache: str, length: int, block_start: int, block_end: int, step: int,
@@ -305,10 +304,8 @@ def forward_window(cache: str, length: int, block_start: int, block_end: int, st
     A shifted model (Dream) reads the logits of the block's first position at block_start - 1,
     so its window starts one row earlier, and that row is recomputed rather than cached.
     """
-    if cache == "none":
+    if cache == "none" or step == 0:
         return Window(0, length)
-    if step == 0:
-        return Window(0, length, write=True)
     start = block_start - logits_shift
     if cache == "prefix":
         return Window(start, length, read_prefix=True)
